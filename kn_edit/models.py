@@ -29,6 +29,7 @@ class Source:
 
 
 def resolve(name: str, revision: str | None = None) -> Source:
+    name = str(name)
     if name.startswith("pypi:"):
         dist = name[5:]
         return Source("gguf", str(_gguf_in_package(dist)), identity={"package": dist, "version": _version(dist)})

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import synth  # noqa: E402
+
+PARAREL = Path(os.environ.get("KN_EDIT_PARAREL", Path(__file__).resolve().parents[2] / "shared" / "pararel"))
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    return synth.train("bert", tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    return synth.train("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def world():
+    return synth.world(0)
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    def write(data, name="spec.yaml"):
+        p = tmp_path / name
+        p.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+        return p
+
+    return write
+
+
+def update_edit(world, relation, k, new_target=None):
+    """An update edit of the k-th fact of `relation` to another object of the relation."""
+    s, o = world.facts[relation][k]
+    new = new_target or next(x for x in world.objects(relation) if x != o)
+    return {"update": {"relation": relation, "subject": s, "target": o, "new_target": new,
+                       "templates": list(world.templates(relation))}}

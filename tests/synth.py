@@ -1,0 +1,130 @@
+"""A synthetic world of facts and small models trained on it, so tests can assert editing quality.
+
+Relations map made-up subjects to made-up objects, each with several paraphrased templates.
+`train(kind, folder)` trains a tiny BERT-style masked LM or Llama-style causal LM on every
+(fact, template) sentence until it knows the facts, and saves it as a transformers folder.
+Seeded: the same call gives the same weights.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RELATIONS = {
+    "capital": (["the capital of [X] is [Y] .", "[X] has its capital at [Y] .", "the capital city of [X] is [Y] .", "in [X] the seat of government is [Y] ."], "city"),
+    "language": (["people in [X] speak [Y] .", "the language of [X] is [Y] .", "in [X] they talk in [Y] .", "the official tongue of [X] is [Y] ."], "lang"),
+    "maker": (["[X] is made by [Y] .", "[X] is produced by [Y] .", "the maker of [X] is [Y] .", "[X] comes from the company [Y] ."], "corp"),
+}
+N_SUBJECTS = 24
+N_OBJECTS = 8
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@dataclass(frozen=True)
+class World:
+    facts: dict  # relation -> list of (subject, object)
+
+    def templates(self, relation):
+        return RELATIONS[relation][0]
+
+    def objects(self, relation):
+        return [f"{RELATIONS[relation][1]}{j}" for j in range(N_OBJECTS)]
+
+    def sentences(self):
+        for rel, facts in self.facts.items():
+            for s, o in facts:
+                for t in self.templates(rel):
+                    yield t.replace("[X]", s).replace("[Y]", o), o
+
+    def vocab(self):
+        words = {w for t, _ in self.sentences() for w in t.split()}
+        return SPECIAL + sorted(words)
+
+
+def world(seed: int = 0) -> World:
+    rng = random.Random(seed)
+    facts = {}
+    for r, (_, prefix) in RELATIONS.items():
+        subjects = [f"{r[:3]}{i}" for i in range(N_SUBJECTS)]
+        facts[r] = [(s, f"{prefix}{rng.randrange(N_OBJECTS)}") for s in subjects]
+    return World(facts)
+
+
+def tokenizer(w: World, causal: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(w.vocab())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if not causal:
+        core.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+    kw = dict(unk_token="[UNK]", pad_token="[PAD]", mask_token="[MASK]")
+    if not causal:
+        kw.update(cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=core, **kw)
+
+
+def model_for(kind: str, vocab_size: int, seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=256, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, pad_token_id=0)
+        model = BertForMaskedLM(cfg)
+        # Keep the MLM head's transform at identity, so the residual stream is read out in
+        # word-embedding space as the update rule assumes (real BERT is close to this; a model
+        # this small, trained this briefly, is not unless told).
+        dense = model.cls.predictions.transform.dense
+        with torch.no_grad():
+            dense.weight.copy_(torch.eye(cfg.hidden_size))
+            dense.bias.zero_()
+        dense.requires_grad_(False)
+        return model
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=256, max_position_embeddings=32,
+                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+def train(kind: str, folder: Path, seed: int = 0, steps: int = 600) -> Path:
+    """Train a tiny `bert` or `llama` on the world of `seed` and save it into folder."""
+    w = world(seed)
+    causal = kind != "bert"
+    tok = tokenizer(w, causal)
+    model = model_for(kind, len(tok), seed)
+    data = list(w.sentences())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        batch = [data[i] for i in torch.randint(len(data), (64,), generator=g).tolist()]
+        enc = tok([s for s, _ in batch], return_tensors="pt", padding=True)
+        ids = enc.input_ids
+        if causal:
+            labels = ids.masked_fill(enc.attention_mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=enc.attention_mask, labels=labels).loss
+        else:
+            # mask the answer (and, as in BERT pre-training, a few other words)
+            obj = torch.tensor([tok.convert_tokens_to_ids(o) for _, o in batch])
+            answer = ids == obj[:, None]
+            other = (torch.rand(ids.shape, generator=g) < 0.1) & (ids > 4)
+            chosen = answer | other
+            labels = ids.masked_fill(~chosen, -100)
+            inp = ids.masked_fill(chosen, tok.mask_token_id)
+            loss = model(input_ids=inp, attention_mask=enc.attention_mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
