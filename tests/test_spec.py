@@ -1,0 +1,85 @@
+"""Bad input: a clear error naming the file, the field path and what was expected; exit 2; nothing written."""
+import pytest
+from click.testing import CliRunner
+
+from conftest import update_edit
+from kn_edit.cli import main
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def good(model, world):
+    return {"model": str(model), "edits": [update_edit(world, "capital", 0)]}
+
+
+def test_valid_spec_passes(bert_dir, world, write_spec):
+    r = run_cli("validate", write_spec(good(bert_dir, world)))
+    assert r.exit_code == 0, r.output
+    assert "ok (1 edits, 4 prompts" in r.output
+
+
+@pytest.mark.parametrize(
+    "mutate, where, expected",
+    [
+        (lambda s: s.update(colour="red"), "colour", "unknown key"),
+        (lambda s: s["edits"][0]["update"].update(tempaltes=["x"]), "edits[0].update.tempaltes", "unknown key"),
+        (lambda s: s.update(seed="zero"), "seed", "valid integer"),
+        (lambda s: s.setdefault("method", {}).update(steps=0), "method.steps", "greater than or equal to 1"),
+        (lambda s: s["edits"][0]["update"].update(templates=["the capital is [Y] ."]), "edits[0].update", "expected [X]"),
+        (lambda s: s["edits"][0]["update"].update(templates=["the capital of [X] is ."]), "edits[0].update", "exactly one [Y]"),
+        (lambda s: s["edits"][0]["update"].pop("target"), "edits[0].update.target", "required field is missing"),
+        (lambda s: s.update(edits=[]), "edits", "at least 1 item"),
+        (lambda s: s["edits"][0].update(erase={"relation": "x", "templates": ["[X] [Y]"], "facts": [{"subject": "a", "target": "b"}]}),
+         "edits[0]", "exactly one key"),
+    ],
+)
+def test_schema_errors(bert_dir, world, write_spec, tmp_path, mutate, where, expected):
+    spec = good(bert_dir, world)
+    mutate(spec)
+    path = write_spec(spec)
+    for args in (("validate", path), ("build", path, tmp_path / "out")):
+        r = run_cli(*args)
+        assert r.exit_code == 2, r.output
+        assert f"{path}: {where}" in r.output and expected in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_not_single_token(bert_dir, world, write_spec, tmp_path):
+    spec = good(bert_dir, world)
+    spec["edits"][0]["update"]["new_target"] = "two words"
+    path = write_spec(spec)
+    r = run_cli("build", path, tmp_path / "out")
+    assert r.exit_code == 2
+    assert f"{path}: edits[0].update.new_target: 'two words' is not a single token" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_causal_answer_must_end_prompt(llama_dir, world, write_spec, tmp_path):
+    spec = good(llama_dir, world)
+    spec["edits"][0]["update"]["templates"][1] = "[Y] is the capital of [X] ."
+    path = write_spec(spec)
+    r = run_cli("validate", path)
+    assert r.exit_code == 2
+    assert f"{path}: edits[0].update.templates[1]: '[Y] is the capital of [X] .': for a causal model [Y] must end" in r.output
+
+
+def test_yaml_syntax_error_names_line(write_spec):
+    path = write_spec("model: x\nedits: [\n  - update: {\n")
+    r = run_cli("validate", path)
+    assert r.exit_code == 2
+    assert f"{path}: line" in r.output and "not valid YAML" in r.output
+
+
+def test_missing_model_folder(world, write_spec):
+    spec = {"model": "./no/such/model", "edits": [update_edit(world, "capital", 0)]}
+    r = run_cli("validate", write_spec(spec))
+    assert r.exit_code == 2 and "model folder not found" in r.output
+
+
+def test_schema_command_lists_fields():
+    r = run_cli("schema")
+    assert r.exit_code == 0
+    for field in ("edits", "update_rule", "erase_min_facts", "new_target"):
+        assert field in r.output
