@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, arch, checkpoint, edits, models, plan, spec as specmod, verify
+from . import __version__, arch, card, checkpoint, edits, models, plan, spec as specmod, verify
 from .locate import locate
 from .neurons import choose_share, finish, shared_by
 
@@ -119,6 +119,7 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
         (tmp / SPEC_COPY).write_text(prep.text)
         (tmp / NEURONS).write_text(json.dumps(neurons_doc, indent=1) + "\n")
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+        card.write(tmp, report, prep.text, model_name=out.name)
     return report
 
 

@@ -24,6 +24,12 @@ def _fail(e: Exception, code: int = 2):
     sys.exit(code)
 
 
+def _hub_options(f):
+    f = click.option("--create-pr", is_flag=True, help="open a pull request instead of committing to the branch")(f)
+    f = click.option("--revision", metavar="BRANCH", default=None, help="branch to push to (created if needed)")(f)
+    return click.option("--private", is_flag=True, help="create the repository private")(f)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="kn-edit")
 def main():
@@ -52,7 +58,12 @@ def validate(spec):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="compute dtype of attribution (autocast); edits and saved weights keep the model's own dtype")
 @click.option("--seed", type=int, default=None, help="overrides the spec's seed")
-def build(spec, out, force, device, dtype, seed):
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
+              help="then push the checkpoint to this Hub repository (overrides the spec's hub.repo)")
+@click.option("--no-push", is_flag=True, help="do not push, even if the spec names a hub.repo")
+@click.option("--force-push", is_flag=True, help="push even if verification did not pass (recorded in the model card)")
+@_hub_options
+def build(spec, out, force, device, dtype, seed, push_to, no_push, private, revision, create_pr, force_push):
     """Build the edited checkpoint of SPEC into OUT (default: the bundled demo spec into out/demo)."""
     from .build import prepare, run
     from .show import summary
@@ -66,6 +77,41 @@ def build(spec, out, force, device, dtype, seed):
         _fail(e)
     summary(report)
     click.echo(f"wrote {out}")
+    hub = prep.spec.hub
+    repo = None if no_push else (push_to or (hub.repo if hub else None))
+    if repo:
+        _push(out, repo, private or bool(hub and hub.private), revision, create_pr, False, force_push)
+
+
+def _push(folder, repo_id, private, revision, create_pr, dry_run, force):
+    from .hub import PushError, PushRefused, describe, plan, push
+
+    try:
+        p = plan(folder, repo_id, force=force, revision=revision, private=private or None, create_pr=create_pr)
+    except PushRefused as e:
+        _fail(e, 2)
+    if p.forced:
+        click.echo(f"WARNING: pushing {folder} with status {p.status!r} because of --force; the model card says so.", err=True)
+    if dry_run:
+        click.echo("\n".join(describe(p)))
+        return
+    try:
+        push(p, say=click.echo)
+    except PushError as e:
+        _fail(e, 1)
+
+
+@main.command("push")
+@click.argument("checkpoint", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("repo_id")
+@_hub_options
+@click.option("--dry-run", is_flag=True, help="list what would be uploaded; no network")
+@click.option("--force", is_flag=True, help="push even if verification did not pass (recorded loudly in the model card)")
+def push_cmd(checkpoint, repo_id, private, revision, create_pr, dry_run, force):
+    """Push CHECKPOINT (a built, verified folder) to the Hub repository REPO_ID in one commit.
+
+    Token, endpoint and offline mode follow huggingface_hub: HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE."""
+    _push(checkpoint, repo_id, private, revision, create_pr, dry_run, force)
 
 
 @main.command()

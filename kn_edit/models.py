@@ -162,8 +162,16 @@ def _identity(src: Source, path: str, model) -> dict:
     if src.kind == "gguf":
         ident["sha256"] = json.loads((Path(path) / "kn_edit_source.json").read_text())["sha256"]
     if src.kind == "hub":
-        ident["revision"] = getattr(model.config, "_commit_hash", None) or src.revision
+        ident["revision"] = getattr(model.config, "_commit_hash", None) or _cached_commit(src) or src.revision
     if src.kind == "folder":
         weights = sorted(Path(path).glob("*.safetensors"))
         ident["sha256"] = {w.name: sha256(w) for w in weights}
     return ident
+
+
+def _cached_commit(src: Source) -> str | None:
+    """The commit the Hub cache resolved src's revision to (its snapshots/<commit> folder)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(src.path, "config.json", revision=src.revision)
+    return Path(found).parent.name if isinstance(found, str) else None

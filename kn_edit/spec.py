@@ -130,8 +130,14 @@ class Edit(_Strict):
         return "update" if self.update is not None else "erase"
 
 
+class Hub(_Strict):
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repository the build pushes to (owner/name); --push-to-hub wins")
+    private: bool = Field(False, description="create the repository private")
+
+
 class Spec(_Strict):
     model: ModelRef
+    hub: Hub | None = Field(None, description="where `kn-edit build --push-to-hub` publishes (optional)")
     seed: int = Field(0, description="seeds everything random (controls); same spec + model + seed = same bytes")
     method: Method = Field(default_factory=Method)
     edits: list[Edit] = Field(min_length=1)
