@@ -183,7 +183,10 @@ def parse(data, file="<spec>") -> Spec:
         problems = []
         for err in e.errors():
             # drop pydantic's union/validator noise from the path
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            # erase.facts is a list or (source: pararel) a number: report only the branch the input took
+            if "int" in err["loc"] and isinstance(err.get("input"), list):
+                continue
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("list[Fact]", "int"))))
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"

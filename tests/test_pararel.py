@@ -143,3 +143,12 @@ def test_real_pararel_relation():
     assert len(facts) > 100 and ("Germany", "Berlin") in facts
     usable = pararel.usable_templates(temps, causal=True)
     assert 0 < len(usable) < len(temps) and all(t.rstrip(" .").endswith("[Y]") for t in usable)
+
+
+def test_erase_facts_list_errors_keep_a_clean_path():
+    from kn_edit.spec import parse
+
+    bad = {"model": "m", "edits": [{"erase": {"relation": "P1", "templates": ["[X] is [Y] ."], "facts": [{"subject": "a"}]}}]}
+    with pytest.raises(SpecError) as e:
+        parse(bad)
+    assert e.value.problems == [("edits[0].erase.facts[0].target", "required field is missing")]
