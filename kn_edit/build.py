@@ -39,13 +39,13 @@ class Prepared:
     plans: list[plan.EditPlan]
 
 
-def prepare(spec_path) -> Prepared:
+def prepare(spec_path, pararel_dir=None) -> Prepared:
     """Everything that can be checked without the model's weights (the tokenizer is loaded)."""
     spec, text = specmod.load(spec_path)
     src = models.resolve(spec.model.name, spec.model.revision)
     tok = models.load_tokenizer(src)
     causal = models.is_causal(src)
-    return Prepared(spec, text, src, tok, causal, plan.make(spec, tok, causal, spec_path))
+    return Prepared(spec, text, src, tok, causal, plan.make(spec, tok, causal, spec_path, pararel_dir))
 
 
 def seed_everything(seed: int) -> None:
@@ -161,6 +161,8 @@ def _report(prep, model, results, applied, before, after, seed, device, dtype):
                      success_rate=verify.rate(r["after"]["top1_id"] == p.new_id for r in rows))
         else:
             e.update(facts=len(p.facts), accuracy_before=verify.rate(correct_before), accuracy_after=verify.rate(correct_after))
+        if p.skipped is not None:
+            e["skipped"] = p.skipped
         e["prompts"] = rows
         edits_rep.append(e)
     return {

