@@ -94,3 +94,38 @@ def test_control_restores_the_weights_bit_for_bit(bert_dir):
                 arch.value_slots(model, l)[i] += 1.0
         assert not torch.equal(arch.value_slots(model, 0), before[0])
     assert all(torch.equal(arch.value_slots(model, l), b) for l, b in enumerate(before))
+
+
+def test_suppression_matches_a_plain_reference(bert_dir, world):
+    """Zeroing neurons at the answer position = subtracting activation x value slot from W2's
+    output there (computed here with an output hook, independently of metrics.scaled_p)."""
+    from kn_edit import attribution, verify
+    from kn_edit.prompts import encode, target_id
+
+    src = models.resolve(str(bert_dir))
+    tok = models.load_tokenizer(src)
+    model, _ = models.load_model(src)
+    s, o = world.facts["capital"][0]
+    p = encode(tok, world.templates("capital")[0].replace("[X]", s), False)
+    t = target_id(tok, p, o, False)
+    acts, probs = attribution.clean_activations(model, p)
+    top = acts.abs().flatten().topk(4).indices.tolist()
+    neurons = [divmod(x, acts.shape[1]) for x in top]
+    assert metrics.scaled_p(model, p, neurons, 1.0, t) == pytest.approx(float(probs[t]), rel=1e-5)
+
+    hooks = []
+    for layer in {l for l, _ in neurons}:
+        def sub(mod, args, out, layer=layer):
+            out = out.clone()
+            for l, i in neurons:
+                if l == layer:
+                    out[0, p.pos] -= acts[l, i] * arch.value_slots(model, l)[i]
+            return out
+        hooks.append(arch.value_module(model, layer).register_forward_hook(sub))
+    try:
+        ref = float(verify.predict(model, p)[t])
+    finally:
+        for h in hooks:
+            h.remove()
+    got = metrics.scaled_p(model, p, neurons, 0.0, t)
+    assert got == pytest.approx(ref, rel=1e-4) and got != pytest.approx(float(probs[t]), rel=1e-6)
