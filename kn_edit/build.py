@@ -4,20 +4,21 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, arch, card, checkpoint, edits, models, plan, spec as specmod, verify
+from . import __version__, arch, card, checkpoint, edits, metrics, models, plan, report as reportmod, spec as specmod, verify
 from .locate import locate
 from .neurons import choose_share, finish, shared_by
 
 REPORT = "kn_edit_report.json"
 NEURONS = "neurons.json"
 SPEC_COPY = "kn_edit_spec.yaml"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # neurons.json
+REPORT_SCHEMA_VERSION = 2  # kn_edit_report.json (docs/report.md)
 
 
 def pick_device(device: str) -> str:
@@ -37,6 +38,7 @@ class Prepared:
     tok: object
     causal: bool
     plans: list[plan.EditPlan]
+    extra: list = field(default_factory=list)  # verify.facts: (relation, plan.Fact)
 
 
 def prepare(spec_path, pararel_dir=None) -> Prepared:
@@ -45,7 +47,9 @@ def prepare(spec_path, pararel_dir=None) -> Prepared:
     src = models.resolve(spec.model.name, spec.model.revision)
     tok = models.load_tokenizer(src)
     causal = models.is_causal(src)
-    return Prepared(spec, text, src, tok, causal, plan.make(spec, tok, causal, spec_path, pararel_dir))
+    plans = plan.make(spec, tok, causal, spec_path, pararel_dir)
+    metrics.check_held_out(spec, plans, spec_path)
+    return Prepared(spec, text, src, tok, causal, plans, metrics.plan_facts(spec, tok, causal, spec_path))
 
 
 def seed_everything(seed: int) -> None:
@@ -91,7 +95,8 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
     with tqdm(total=n_prompts, desc="locating neurons", unit="prompt", disable=None) as bar:
         for p in prep.plans:
             # an update's fact and its relation_facts choose their shares separately
-            groups = [p.facts[:1], p.facts[1:]] if p.kind == "update" else [p.facts]
+            held = prep.spec.verify.held_out
+            groups = [[metrics.located_part(p.facts[0], held)], p.facts[1:]] if p.kind == "update" else [p.facts]
             results.append([x for g in groups if g for x in _locate_group(model, g, method, compute_dtype, bar)])
 
     unk = getattr(prep.tok, "unk_token_id", None)
@@ -102,16 +107,28 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
             limit = method.relation_filter * len(others)
             dropped = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
             neurons = [n for n in fact.neurons if n not in dropped]
-            signs = fact.activation if method.sign_aware else None
-            edits.update(model, neurons, p.facts[0].target_id, p.new_id, method.update_rule, method.lambda1, method.lambda2, signs)
             applied.append({"neurons": neurons, "dropped_shared": dropped})
         else:
-            neurons = shared_by(located, method.erase_min_facts)
-            edits.erase(model, neurons, method.erase_value, unk)
-            applied.append({"neurons": neurons})
+            applied.append({"neurons": shared_by(located, method.erase_min_facts)})
+
+    # measured on the base model (the random-neuron control is undone before the real edits)
+    vcfg = spec.verify
+    probes = metrics.probes(prep.plans, prep.extra, vcfg.neighbours, vcfg.held_out)
+    found = [metrics.Located(a["neurons"], [f.neurons for f in located], [f.coarse for f in located])
+             for located, a in zip(results, applied)]
+    base = metrics.evaluate_base(model, prep.plans, probes, found, method, unk, seed, vcfg.control_draws)
+
+    for p, located, a in zip(prep.plans, results, applied):
+        if p.kind == "update":
+            signs = located[0].activation if method.sign_aware else None
+            edits.update(model, a["neurons"], p.facts[0].target_id, p.new_id, method.update_rule, method.lambda1, method.lambda2, signs)
+        else:
+            edits.erase(model, a["neurons"], method.erase_value, unk)
 
     after = [_answers(model, prep.tok, p) for p in prep.plans]
     report = _report(prep, model, results, applied, before, after, seed, device, dtype)
+    per_edit, agg = metrics.finish(probes, found, base[0], metrics.measure(model, probes), *base[1:])
+    add_metrics(report, per_edit, agg, vcfg)
     neurons_doc = _neurons_doc(prep, results, applied)
 
     with checkpoint.staged(out, force) as tmp:
@@ -119,8 +136,22 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
         (tmp / SPEC_COPY).write_text(prep.text)
         (tmp / NEURONS).write_text(json.dumps(neurons_doc, indent=1) + "\n")
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+        reportmod.write(tmp, report, neurons_doc, prep.text)
         card.write(tmp, report, prep.text, model_name=out.name)
     return report
+
+
+def add_metrics(report: dict, per_edit: list[dict], agg: dict, verify_cfg) -> None:
+    """Metrics, controls, gates and the status that follows from them (docs/report.md)."""
+    for e, m in zip(report["edits"], per_edit):
+        e["metrics"], e["control"] = m["metrics"], m["control"]
+        h = verify_cfg.held_out if e["kind"] == "update" else 0
+        e["held_out"] = h
+        for j, r in enumerate(e["prompts"]):
+            r["held_out"] = j >= len(e["prompts"]) - h
+    report["metrics"] = agg
+    report["gates"] = metrics.gates(verify_cfg, agg)
+    report["status"] = metrics.status(report["gates"])
 
 
 def _neuron_list(located, neurons):
@@ -136,7 +167,8 @@ def _neurons_doc(prep, results, applied):
             "relation": p.relation,
             "edited": [[l, i] for l, i in app["neurons"]],
             "facts": [{"subject": f.subject, "target": f.target, "share": f.share, "prompts": f.prompts,
-                       "coarse_counts": [len(c) for c in f.coarse], "neurons": _neuron_list(f, f.neurons)} for f in located],
+                       "coarse_counts": [len(c) for c in f.coarse], "coarse": [[list(n) for n in c] for c in f.coarse],
+                       "neurons": _neuron_list(f, f.neurons)} for f in located],
         })
     return {"schema_version": SCHEMA_VERSION, "edits": edits_doc}
 
@@ -166,7 +198,7 @@ def _report(prep, model, results, applied, before, after, seed, device, dtype):
         e["prompts"] = rows
         edits_rep.append(e)
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": REPORT_SCHEMA_VERSION,
         "kn_edit_version": __version__,
         "status": "built",
         "base_model": prep.source.identity,

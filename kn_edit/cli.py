@@ -82,7 +82,7 @@ def build(spec, out, force, device, dtype, seed, push_to, no_push, private, revi
     except (SpecError, ModelError, OutputExists) as e:
         _fail(e)
     summary(report)
-    click.echo(f"wrote {out}")
+    _verdict(report, f"wrote {out}")  # exits 1 on a failed gate: nothing is pushed
     hub = prep.spec.hub
     repo = None if no_push else (push_to or (hub.repo if hub else None))
     if repo:
@@ -118,6 +118,43 @@ def push_cmd(checkpoint, repo_id, private, revision, create_pr, dry_run, force):
 
     Token, endpoint and offline mode follow huggingface_hub: HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE."""
     _push(checkpoint, repo_id, private, revision, create_pr, dry_run, force)
+
+
+def _verdict(report: dict, done: str):
+    """The aggregate table and gates; exit 1 when a gate failed."""
+    from .metrics import describe_failure
+    from .show import aggregate
+
+    aggregate(report)
+    click.echo(done)
+    failed = [r for r in report["gates"]["results"] if not r["passed"]]
+    for r in failed:
+        click.echo(describe_failure(r), err=True)
+    if failed:
+        click.echo(f"status: failed ({len(failed)} of {len(report['gates']['results'])} gates)", err=True)
+        sys.exit(1)
+    click.echo(f"status: {report['status']}")
+
+
+@main.command("verify")
+@click.argument("checkpoint", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="take the gates and metric settings (the verify section) from SPEC instead of the checkpoint's spec copy")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="also write the recomputed report here")
+def verify_cmd(checkpoint, spec_path, device, json_out):
+    """Recompute CHECKPOINT's metrics against its base model and apply the gates (exit 1 if one fails)."""
+    import json
+
+    from .reverify import run
+
+    try:
+        report = run(checkpoint, spec_path, device)
+    except (SpecError, ModelError) as e:
+        _fail(e)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1) + "\n")
+    _verdict(report, f"verified {checkpoint} against {report['base_model'].get('name')}")
 
 
 @main.command()

@@ -29,3 +29,27 @@ def summary(report: dict, console: Console | None = None) -> None:
         for r in e["prompts"][:12]:
             p.add_row(str(k), r["prompt"], r["before"]["top1"], r["after"]["top1"])
     console.print(p)
+
+
+def aggregate(report: dict, console: Console | None = None) -> None:
+    """The aggregate metrics beside the random-neuron control, then the gates."""
+    from .report import aggregate_rows
+
+    console = console or Console()
+    t = Table(title="kn-edit: aggregate metrics (edit vs random-neuron control)")
+    for col in ("metric", "edit", "control"):
+        t.add_column(col)
+    for row in aggregate_rows(report):
+        t.add_row(*row)
+    console.print(t)
+    results = report.get("gates", {}).get("results", [])
+    if not results:
+        console.print("no gates set: status [bold]built[/bold] (unverified)")
+        return
+    g = Table(title=f"gates: {report['status']}")
+    for col in ("gate", "value", "passed"):
+        g.add_column(col)
+    for r in results:
+        value = "not measured" if r["value"] is None else f"{r['value']:.4g}"
+        g.add_row(f"{r['name']} {r['op']} {r['threshold']:g}", value, "yes" if r["passed"] else "[red]no[/red]")
+    console.print(g)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 
 class SpecError(ValueError):
@@ -159,6 +160,73 @@ class Hub(_Strict):
     private: bool = Field(False, description="create the repository private")
 
 
+# Aggregate metrics a gate may test (kn_edit/metrics.py computes them; docs/report.md defines them).
+GATE_METRICS = {
+    "change_rate": "update: share of the edited facts' prompts whose top-1 changed",
+    "success_rate": "update: share of the edited facts' prompts whose top-1 is the new target",
+    "generalization": "update: success rate on the held-out prompts (not used for locating)",
+    "success_over_control": "update: success_rate minus the random-neuron control's success_rate",
+    "p_target_shift": "update: mean change of p(old target) on the edited facts' prompts",
+    "p_new_shift": "update: mean change of p(new target) on the edited facts' prompts",
+    "intra_ppl_change": "update: relative change of perplexity on other facts of the same relation",
+    "inter_ppl_change": "update: relative change of perplexity on facts of other relations",
+    "erase_accuracy_after": "erase: top-1 accuracy on the erased relation's facts after the edit",
+    "erase_accuracy_change": "erase: change of that accuracy (after - before)",
+    "erase_ppl_change": "erase: relative change of perplexity on the erased relation's facts",
+    "erase_other_accuracy_change": "erase: change of top-1 accuracy on other relations' facts",
+    "erase_other_ppl_change": "erase: relative change of perplexity on other relations' facts",
+    "suppression": "relative change of p(gold) when the facts' neurons are set to 0 (base model)",
+    "amplification": "relative change of p(gold) when the facts' neurons are doubled (base model)",
+    "consistency": "mean pairwise overlap (Jaccard) of the coarse neuron sets of a fact's prompts",
+}
+GATE = re.compile(r"^\s*(>=|<=|==|>|<)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+
+
+def parse_gate(text: str) -> tuple[str, float]:
+    m = GATE.match(text)
+    if not m:
+        raise ValueError(f"expected a gate: an operator (>=, <=, >, <, ==) and a number, e.g. \">= 0.3\"; got {text!r}")
+    return m.group(1), float(m.group(2))
+
+
+def _gate(text) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a gate as a quoted string: an operator and a number, e.g. \"<= 0.1\"; got {text!r}")
+    parse_gate(text)
+    return text
+
+
+class FactGroup(_Strict):
+    relation: str = Field(min_length=1, description="relation label, e.g. P36")
+    templates: list[str] = Field(min_length=1, description="prompts with [X] and [Y]")
+    facts: list[Fact] = Field(min_length=1, description="subject and target of each fact")
+
+    @model_validator(mode="after")
+    def _templates(self):
+        errors = _check_templates(self.templates, True)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+class _VerifySettings(_Strict):
+    neighbours: int = Field(5, ge=0, description="facts of the same relation (intra) and of other relations (inter) per edit")
+    held_out: int = Field(0, ge=0, description="update: the last N prompts of the edited fact are not used to locate (generalization)")
+    control_draws: int = Field(1, ge=0, le=100, description="random-neuron control draws per edit (0: no control)")
+    facts: list[FactGroup] = Field(default_factory=list, description="extra facts used only as neighbours")
+
+
+Gate = Annotated[str, BeforeValidator(_gate)]
+Verify = create_model(
+    "Verify", __base__=_VerifySettings,
+    **{name: (Gate | None, Field(None, description=f"gate, e.g. \">= 0.3\": {what}")) for name, what in GATE_METRICS.items()},
+)
+
+
+def gates_of(v) -> dict[str, str]:
+    return {name: getattr(v, name) for name in GATE_METRICS if getattr(v, name) is not None}
+
+
 class Spec(_Strict):
     model: ModelRef
     hub: Hub | None = Field(None, description="where `kn-edit build --push-to-hub` publishes (optional)")
@@ -166,6 +234,7 @@ class Spec(_Strict):
     seed: int = Field(0, description="seeds everything random (controls); same spec + model + seed = same bytes")
     method: Method = Field(default_factory=Method)
     edits: list[Edit] = Field(min_length=1)
+    verify: Verify = Field(default_factory=Verify, description="metrics settings and CI gates")
 
     @model_validator(mode="before")
     @classmethod
