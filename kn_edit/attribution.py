@@ -16,6 +16,9 @@ Two implementations that give the same numbers:
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
+import weakref
 
 import torch
 
@@ -84,8 +87,20 @@ def reference(model, prompt: Prompt, target: int, steps: int = 20) -> torch.Tens
     return scores
 
 
-def fast(model, prompt: Prompt, target: int, steps: int = 20, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Same numbers as `reference` (fp32), with layers joining the batch at their own layer."""
+def fast(model, prompt: Prompt, target: int, steps: int = 20, dtype: torch.dtype | None = None,
+         max_rows: int | None = None) -> torch.Tensor:
+    """Same numbers as `reference` (fp32), with layers joining the batch at their own layer.
+
+    Layers are taken in contiguous groups small enough for memory (`max_rows` row-blocks, or a
+    budget from free memory); each group starts from the clean hidden states of its first layer.
+    Parameters are frozen during the call (no weight-gradient bookkeeping) and restored after.
+    bf16/fp16 run on a cached low-precision copy of the weights, under autocast."""
+    run = low_precision(model, dtype)
+    with frozen(run):
+        return _fast(run, prompt, target, steps, dtype, max_rows)
+
+
+def _fast(model, prompt, target, steps, dtype, max_rows):
     a = arch.arch_of(model)
     L, _ = arch.shape(model)
     ids = torch.tensor([prompt.ids], device=model.device)
@@ -93,36 +108,111 @@ def fast(model, prompt: Prompt, target: int, steps: int = 20, dtype: torch.dtype
     with torch.no_grad(), recorded(model, prompt.pos, store), _autocast(model, dtype):
         out = model(ids, use_cache=a.causal, output_hidden_states=True)
     inputs = arch.block_inputs(model, ids, out)
+    acts = [store[l][0].float() for l in range(L)]
+    if max_rows is None:
+        max_rows = row_budget(model, ids.shape[1], dtype)
+    grads = []
+    for group in layer_groups(L, steps, max_rows):
+        grads += _group_grads(model, a, group, out.hidden_states, inputs, acts, prompt.pos, target, steps, dtype)
+    return torch.stack([g.float().sum(0) * acts[l] / steps for l, g in enumerate(grads)])
+
+
+def _group_grads(model, a, layers, hidden, inputs, acts, answer_pos, target, steps, dtype):
+    """Gradients of p(target) w.r.t. the scaled activations of `layers` (contiguous)."""
     # causal: rows are the last position alone; masked: rows are whole sequences
     span = slice(-1, None) if a.causal else slice(None)
-    pos = 0 if a.causal else prompt.pos
+    pos = 0 if a.causal else answer_pos
     alphas = _alphas(steps, model.device)
-
-    acts = [store[l][0].float() for l in range(L)]
+    L = len(acts)
     leaves, hooks = [], []
     h = None
     try:
-        for l in range(L):
-            fresh = out.hidden_states[l][:, span].detach().expand(steps, -1, -1)
-            first = 0 if h is None else h.shape[0]
-            h = fresh if h is None else torch.cat([h, fresh])
-            leaf = (alphas[:, None] * acts[l][None]).requires_grad_(True)
-            leaves.append(leaf)
-            hooks.append(
-                arch.value_module(model, l).register_forward_pre_hook(
-                    lambda mod, args, first=first, leaf=leaf: (_replace_at(args[0], first, pos, leaf),) + args[1:]
+        for l in range(layers[0], L):
+            if l in layers:
+                fresh = hidden[l][:, span].detach().expand(steps, -1, -1)
+                first = 0 if h is None else h.shape[0]
+                h = fresh if h is None else torch.cat([h, fresh])
+                leaf = (alphas[:, None] * acts[l][None]).requires_grad_(True)
+                leaves.append(leaf)
+                hooks.append(
+                    arch.value_module(model, l).register_forward_pre_hook(
+                        lambda mod, args, first=first, leaf=leaf: (_replace_at(args[0], first, pos, leaf),) + args[1:]
+                    )
                 )
-            )
             with _autocast(model, dtype):
                 h = arch.run_block(model, l, h, inputs)
         with _autocast(model, dtype):
             logits = arch.head(model, h[:, pos])
         p = logits.float().softmax(-1)[:, target]
-        grads = torch.autograd.grad(p.sum(), leaves)
+        return list(torch.autograd.grad(p.sum(), leaves))
     finally:
         for hk in hooks:
             hk.remove()
-    return torch.stack([g.float().sum(0) * acts[l] / steps for l, g in enumerate(grads)])
+
+
+def layer_groups(L: int, steps: int, max_rows: int) -> list[range]:
+    """Contiguous layer groups whose rows x blocks (layer l's rows run L - l blocks) fit in
+    max_rows; a group holds at least one layer."""
+    groups, start, used = [], 0, 0
+    for l in range(L):
+        cost = steps * (L - l)
+        if l > start and used + cost > max_rows:
+            groups.append(range(start, l))
+            start, used = l, 0
+        used += cost
+    groups.append(range(start, L))
+    return groups
+
+
+def row_budget(model, seq: int, dtype=None) -> int:
+    """How many row-blocks (one row through one block, activations kept for backward) fit in
+    a share of the free memory: half the free GPU memory, a quarter of the free RAM."""
+    cfg = model.config
+    hidden = cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    heads = cfg.num_attention_heads
+    causal = arch.arch_of(model).causal
+    rows = 1 if causal else seq
+    elem = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    # saved tensors of one block for one row: ~12 hidden-sized, ~4 intermediate-sized, attention probs
+    per = rows * (12 * hidden + 4 * inter + 3 * heads * seq) * elem
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0] // 2
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    return max(1, int(free // per))
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """Parameters with requires_grad off (restored after): autograd then tracks the scaled
+    activations only. With trainable parameters the backward pass is ~2.5x slower."""
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, r in zip(params, was):
+            p.requires_grad_(r)
+
+
+_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def low_precision(model, dtype):
+    """The model itself for fp32; else a copy with weights in dtype, cached per model and
+    rebuilt when any weight was changed in place since (edits write into W2)."""
+    if dtype is None or dtype == torch.float32:
+        return model
+    key = (dtype, tuple(p._version for p in model.parameters()))
+    hit = _copies.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _copies.pop(model, None)
+    low = copy.deepcopy(model).to(dtype)
+    _copies[model] = (key, low)
+    return low
 
 
 def _autocast(model, dtype):
