@@ -17,7 +17,8 @@ RUN pip install "/tmp/kn-edit[gguf]" && rm -rf /tmp/kn-edit
 
 RUN useradd --create-home --uid 1000 kn \
     && mkdir -p /cache /work \
-    && chown kn:kn /cache /work
+    && chown kn:kn /cache /work \
+    && chmod 1777 /cache  # writable for --user UID:GID too
 USER kn
 WORKDIR /work
 # Hub downloads (HF_HOME), converted GGUF files and the neuron cache (KN_EDIT_CACHE).
