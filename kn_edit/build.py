@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, arch, card, checkpoint, edits, metrics, models, plan, report as reportmod, spec as specmod, verify
+from .cache import Cache
 from .locate import locate
 from .neurons import choose_share, finish, shared_by
 
@@ -52,15 +53,26 @@ def prepare(spec_path, pararel_dir=None) -> Prepared:
     return Prepared(spec, text, src, tok, causal, plans, metrics.plan_facts(spec, tok, causal, spec_path))
 
 
+def located_groups(p, held_out: int):
+    """The groups of facts located together. An update's fact (less its held-out prompts) and its
+    relation_facts choose their shares separately."""
+    if p.kind == "update":
+        return [[metrics.located_part(p.facts[0], held_out)], p.facts[1:]]
+    return [p.facts]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _locate_group(model, facts, method, dtype, bar):
+def _locate_group(model, facts, method, dtype, bar, store=None):
     located = []
     for f in facts:
-        located.append(locate(model, f.subject, f.target, f.prompts, f.target_id, method, dtype))
+        if store is not None:
+            located.append(store.locate(model, f, method, dtype))
+        else:
+            located.append(locate(model, f.subject, f.target, f.prompts, f.target_id, method, dtype))
         bar.update(len(f.prompts))
     share = choose_share(located, method.share, method.share_step, *method.target_neurons, method.adaptive_share)
     finish(located, share)
@@ -77,7 +89,8 @@ def _answers(model, tok, p):
     return [[verify.answer(verify.predict(model, pr), tok, watch(f)) for pr in f.prompts] for f in _shown(p)]
 
 
-def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32", seed=None) -> dict:
+def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32", seed=None, cache=None) -> dict:
+    """cache: a neuron cache folder (see cache.py); located neurons found there are not recomputed."""
     out = Path(out)
     checkpoint.check_free(out, force)
     spec, method = prep.spec, prep.spec.method
@@ -87,6 +100,7 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
     compute_dtype = DTYPES[dtype]
     model, native = models.load_model(prep.source, device)
     model.requires_grad_(False)
+    store = Cache(cache, prep.source.identity, dtype) if cache is not None else None
 
     before = [_answers(model, prep.tok, p) for p in prep.plans]
 
@@ -95,9 +109,8 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
     with tqdm(total=n_prompts, desc="locating neurons", unit="prompt", disable=None) as bar:
         for p in prep.plans:
             # an update's fact and its relation_facts choose their shares separately
-            held = prep.spec.verify.held_out
-            groups = [[metrics.located_part(p.facts[0], held)], p.facts[1:]] if p.kind == "update" else [p.facts]
-            results.append([x for g in groups if g for x in _locate_group(model, g, method, compute_dtype, bar)])
+            groups = located_groups(p, prep.spec.verify.held_out)
+            results.append([x for g in groups if g for x in _locate_group(model, g, method, compute_dtype, bar, store)])
 
     unk = getattr(prep.tok, "unk_token_id", None)
     applied = []

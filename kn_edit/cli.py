@@ -69,16 +69,22 @@ def validate(spec, pararel_dir):
 @click.option("--force-push", is_flag=True, help="push even if verification did not pass (recorded in the model card)")
 @_hub_options
 @PARAREL_OPT
-def build(spec, out, force, device, dtype, seed, push_to, no_push, private, revision, create_pr, force_push, pararel_dir):
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="neuron cache folder  [default: $KN_EDIT_CACHE/neurons or ~/.cache/kn_edit/neurons]")
+@click.option("--no-cache", is_flag=True, help="locate every fact afresh and store nothing")
+def build(spec, out, force, device, dtype, seed, push_to, no_push, private, revision, create_pr, force_push, pararel_dir,
+          cache_dir, no_cache):
     """Build the edited checkpoint of SPEC into OUT (default: the bundled demo spec into out/demo)."""
     from .build import prepare, run
+    from .cache import default_dir as default_cache_dir
     from .show import summary
 
     spec = spec or demo_spec()
     out = out or Path("out") / spec.stem
     try:
         prep = prepare(spec, pararel_dir)
-        report = run(prep, out, force=force, device=device, dtype=dtype, seed=seed)
+        cache = None if no_cache else (cache_dir or default_cache_dir())
+        report = run(prep, out, force=force, device=device, dtype=dtype, seed=seed, cache=cache)
     except (SpecError, ModelError, OutputExists) as e:
         _fail(e)
     summary(report)
@@ -155,6 +161,43 @@ def verify_cmd(checkpoint, spec_path, device, json_out):
     if json_out:
         json_out.write_text(json.dumps(report, indent=1) + "\n")
     _verdict(report, f"verified {checkpoint} against {report['base_model'].get('name')}")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--shard", default=None, metavar="i/N",
+              help="locate only facts j with j mod N = i  [default: RANK/WORLD_SIZE from torchrun, else all]")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: spread the shards over a Ray cluster (RAY_ADDRESS) or a local one")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="ray: number of shards  [default: the cluster's GPUs, else its nodes]")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="neuron cache folder, shared by all shards  [default: $KN_EDIT_CACHE/neurons or ~/.cache/kn_edit/neurons]")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda:N")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="compute dtype of attribution; give build the same one")
+def locate(spec, shard, executor, workers, cache_dir, device, dtype):
+    """Locate the knowledge neurons of SPEC's facts into the neuron cache (no checkpoint is written).
+
+    Run it once per shard (or through torchrun or Ray), then `kn-edit build SPEC OUT` with the same
+    cache computes nothing that is cached."""
+    from .cache import default_dir
+    from .distribute import ShardError, locate_ray, locate_shard, parse_shard
+
+    cache_dir = cache_dir or default_dir()
+    try:
+        if executor == "ray":
+            if shard is not None:
+                raise ShardError("--shard: not with --executor ray (Ray assigns the shards)")
+            stats = locate_ray(spec, cache_dir, workers, device, dtype)
+        else:
+            stats = [locate_shard(spec, cache_dir, parse_shard(shard), device, dtype)]
+    except (SpecError, ModelError, ShardError) as e:
+        _fail(e)
+    for s in stats:
+        click.echo(f"shard {s['shard']} on {s['device']}: {s['assigned']} of {s['facts']} facts, "
+                   f"{s['computed']} computed, {s['cached']} already cached, {s['corrupt']} corrupt entries replaced")
+    click.echo(f"cache {cache_dir}")
 
 
 @main.command()

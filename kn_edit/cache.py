@@ -1,0 +1,136 @@
+"""Located neurons cached per fact on disk, so that builds resume and shards share their work.
+
+An entry holds what locate() returns for one fact (coarse sets per prompt, mean scores and
+activations, the prompts) - not the refined set, whose share is chosen later over a group.
+Its key is the sha256 of a canonical JSON of everything that determines that result: the
+model's identity (weights' hash or Hub commit), the encoded prompts, the target, the settings
+that affect location (steps, threshold, engine, compute dtype) and ATTRIBUTION_VERSION.
+The on-disk format is described in docs/cache.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from . import models
+from .locate import locate
+from .neurons import Located
+
+# Bump when attribution.py, locate.py or neurons.coarse change the numbers they produce.
+ATTRIBUTION_VERSION = 1
+FORMAT = "kn-edit-neurons"
+FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def default_dir() -> Path:
+    return models.cache_dir() / "neurons"
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(_canonical(obj)).hexdigest()
+
+
+def inputs(identity: dict, fact, method, dtype: str) -> dict:
+    """Everything the located neurons of `fact` (a plan.Fact) depend on."""
+    return {
+        "attribution_version": ATTRIBUTION_VERSION,
+        "model": identity,
+        "subject": fact.subject,
+        "target": fact.target,
+        "target_id": fact.target_id,
+        "prompts": [{"text": p.text, "ids": list(p.ids), "pos": p.pos} for p in fact.prompts],
+        "method": {"steps": method.steps, "threshold": method.threshold, "engine": method.engine},
+        "dtype": _DTYPE_NAMES.get(dtype, dtype),
+    }
+
+
+def _pairs(d: dict) -> list:
+    return [[l, i, v] for (l, i), v in sorted(d.items())]
+
+
+def _to_json(x: Located) -> dict:
+    return {"subject": x.subject, "target": x.target, "prompts": x.prompts,
+            "coarse": [[list(n) for n in s] for s in x.coarse],
+            "score": _pairs(x.score), "activation": _pairs(x.activation)}
+
+
+def _from_json(d: dict) -> Located:
+    return Located(subject=d["subject"], target=d["target"], prompts=list(d["prompts"]),
+                   coarse=[[(int(l), int(i)) for l, i in s] for s in d["coarse"]],
+                   score={(int(l), int(i)): float(v) for l, i, v in d["score"]},
+                   activation={(int(l), int(i)): float(v) for l, i, v in d["activation"]})
+
+
+class Cache:
+    """Per-fact entries under `root`, for one loaded model (identity) and compute dtype."""
+
+    def __init__(self, root, identity: dict, dtype: str = "float32"):
+        self.root = Path(root).expanduser()
+        self.identity = identity
+        self.dtype = dtype
+        self.hits = self.misses = self.corrupt = 0
+
+    def key(self, fact, method) -> str:
+        return _digest(inputs(self.identity, fact, method, self.dtype))
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def _read(self, key: str) -> Located | None:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            doc = json.loads(p.read_bytes())
+            body = {k: doc[k] for k in ("format", "format_version", "key", "inputs", "located")}
+            ok = (doc["checksum"] == _digest(body) and body["format"] == FORMAT
+                  and body["format_version"] == FORMAT_VERSION and body["key"] == key == _digest(body["inputs"]))
+            located = _from_json(body["located"]) if ok else None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ok, located = False, None
+            log.debug("unreadable cache entry %s: %s", p, e)
+        if not ok:
+            self.corrupt += 1
+            log.warning("corrupt neuron cache entry %s: ignored and recomputed", p)
+        return located
+
+    def _write(self, key: str, inp: dict, located: Located, extra: dict) -> None:
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "inputs": inp,
+                "located": _to_json(located)}
+        doc = {**body, "checksum": _digest(body), "info": extra}
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{key[:16]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(doc, indent=1).encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)  # atomic: readers see the old entry, none, or the whole new one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def locate(self, model, fact, method, compute_dtype=None) -> Located:
+        """The fact's located neurons: from the cache when a valid entry exists, else computed and stored."""
+        inp = inputs(self.identity, fact, method, self.dtype)
+        key = _digest(inp)
+        got = self._read(key)
+        if got is not None:
+            self.hits += 1
+            return got
+        self.misses += 1
+        located = locate(model, fact.subject, fact.target, fact.prompts, fact.target_id, method, compute_dtype)
+        self._write(key, inp, located, {"device": str(next(model.parameters()).device)})
+        return located

@@ -1,0 +1,189 @@
+"""Neuron cache and sharded location: resumable, shared, and byte-identical to a plain build."""
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import update_edit
+
+from kn_edit import attribution, cache as cachemod
+from kn_edit.build import prepare, run
+from kn_edit.cli import main
+from kn_edit.distribute import ShardError, locate_shard, parse_shard
+
+STEPS = 4
+
+
+def spec_data(world, llama_dir, **method):
+    """An update of capital[0] (with capital[1:4] as relation facts) and erasures of capital[0:6] and
+    language[0:4]: 14 facts in the edits, 10 distinct ones (4 prompts each)."""
+    upd = update_edit(world, "capital", 0)
+    upd["update"]["relation_facts"] = [{"subject": s, "target": o} for s, o in world.facts["capital"][1:4]]
+    erase = lambda rel, k: {"erase": {"relation": rel, "templates": list(world.templates(rel)),
+                                      "facts": [{"subject": s, "target": o} for s, o in world.facts[rel][:k]]}}
+    return {"model": str(llama_dir), "seed": 0, "method": {"steps": STEPS, "erase_min_facts": 2, **method},
+            "edits": [upd, erase("capital", 6), erase("language", 4)]}
+
+
+FACTS, PROMPTS = 10, 4  # distinct facts, prompts per fact
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts attribution runs (one per prompt located)."""
+    n = {"scores": 0}
+    real = attribution.scores
+
+    def counted(*a, **k):
+        n["scores"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(attribution, "scores", counted)
+    return n
+
+
+def build(spec_path, out, cache=None):
+    run(prepare(spec_path), out, cache=cache)
+    return (out / "model.safetensors").read_bytes(), (out / "neurons.json").read_text()
+
+
+def entries(cache_dir):
+    return sorted(cache_dir.glob("*/*.json"))
+
+
+def test_sharded_locate_then_build_is_byte_identical(world, llama_dir, write_spec, tmp_path, calls):
+    spec = write_spec(spec_data(world, llama_dir))
+    plain = build(spec, tmp_path / "plain")
+    cache_dir = tmp_path / "cache"
+    stats = [locate_shard(spec, cache_dir, (i, 2)) for i in range(2)]
+    facts = stats[0]["facts"]
+    assert facts == FACTS
+    assert [s["assigned"] for s in stats] == [5, 5] and [s["computed"] for s in stats] == [5, 5]
+    assert len(entries(cache_dir)) == facts
+
+    calls["scores"] = 0
+    merged = build(spec, tmp_path / "merged", cache=cache_dir)
+    assert calls["scores"] == 0
+    assert merged == plain
+
+    # a second run of a shard finds everything cached
+    assert locate_shard(spec, cache_dir, (1, 2))["computed"] == 0
+
+
+def test_changed_setting_recomputes_only_what_it_affects(world, llama_dir, write_spec, tmp_path, calls):
+    cache_dir = tmp_path / "cache"
+    spec = write_spec(spec_data(world, llama_dir), "a.yaml")
+    build(spec, tmp_path / "a", cache=cache_dir)
+    first = calls["scores"]
+    assert first == FACTS * PROMPTS  # a fact listed twice is located once
+
+    edit_only = write_spec(spec_data(world, llama_dir, lambda2=4.0, share=0.5), "b.yaml")
+    calls["scores"] = 0
+    build(edit_only, tmp_path / "b", cache=cache_dir)
+    assert calls["scores"] == 0
+
+    located = write_spec(spec_data(world, llama_dir, threshold=0.3), "c.yaml")
+    calls["scores"] = 0
+    build(located, tmp_path / "c", cache=cache_dir)
+    assert calls["scores"] == first
+    assert len(entries(cache_dir)) == 2 * FACTS
+
+
+def test_corrupt_entry_is_detected_and_recomputed(world, llama_dir, write_spec, tmp_path, calls, caplog):
+    cache_dir = tmp_path / "cache"
+    spec = write_spec(spec_data(world, llama_dir))
+    good = build(spec, tmp_path / "a", cache=cache_dir)
+    victim, truncated = entries(cache_dir)[:2]
+    doc = json.loads(victim.read_text())
+    l, i, v = doc["located"]["score"][0]
+    doc["located"]["score"][0] = [l, i, v * 2]  # plausible JSON, wrong numbers: only the checksum tells
+    victim.write_text(json.dumps(doc))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+
+    calls["scores"] = 0
+    with caplog.at_level(logging.WARNING, logger="kn_edit.cache"):
+        again = build(spec, tmp_path / "b", cache=cache_dir)
+    assert calls["scores"] == 2 * PROMPTS
+    assert sum("corrupt neuron cache entry" in r.message for r in caplog.records) == 2
+    assert again == good
+    assert json.loads(victim.read_text())["located"]["score"][0] == [l, i, v]
+
+
+def test_interrupted_run_resumes(world, llama_dir, write_spec, tmp_path, calls, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    spec = write_spec(spec_data(world, llama_dir))
+    counted = attribution.scores
+
+    def dies(*a, **k):
+        if calls["scores"] == 2 * PROMPTS + 1:  # two facts done, the third cut off on its second prompt
+            raise KeyboardInterrupt
+        return counted(*a, **k)
+
+    monkeypatch.setattr(attribution, "scores", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run(prepare(spec), tmp_path / "out", cache=cache_dir)
+    assert not (tmp_path / "out").exists()
+    assert len(entries(cache_dir)) == 2
+    assert not list(cache_dir.glob("*/.*.tmp"))
+
+    monkeypatch.setattr(attribution, "scores", counted)
+    calls["scores"] = 0
+    resumed = build(spec, tmp_path / "out", cache=cache_dir)
+    assert calls["scores"] == (FACTS - 2) * PROMPTS
+    assert resumed == build(spec, tmp_path / "plain")
+
+
+def test_key_covers_model_prompts_and_dtype(world, llama_dir, write_spec):
+    prep = prepare(write_spec(spec_data(world, llama_dir)))
+    method = prep.spec.method
+    f, g = prep.plans[0].facts[:2]
+    a = cachemod.Cache("x", {"kind": "folder", "sha256": {"model.safetensors": "0" * 64}})
+    b = cachemod.Cache("x", {"kind": "folder", "sha256": {"model.safetensors": "1" * 64}})
+    assert a.key(f, method) != b.key(f, method)
+    assert a.key(f, method) != a.key(g, method)
+    assert a.key(f, method) != cachemod.Cache("x", a.identity, "bfloat16").key(f, method)
+    assert a.key(f, method) == cachemod.Cache("y", dict(a.identity), "fp32").key(f, method)
+
+
+def test_parse_shard():
+    assert parse_shard("1/4", env={}) == (1, 4)
+    assert parse_shard(None, env={}) == (0, 1)
+    assert parse_shard(None, env={"RANK": "3", "WORLD_SIZE": "8"}) == (3, 8)
+    assert parse_shard("0/2", env={"RANK": "3", "WORLD_SIZE": "8"}) == (0, 2)
+    for bad in ("2/2", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(ShardError, match="i/N|0 <= i < N"):
+            parse_shard(bad, env={})
+
+
+def test_cli_locate_shards_then_build(world, llama_dir, write_spec, tmp_path):
+    spec = write_spec(spec_data(world, llama_dir))
+    cache_dir = tmp_path / "cache"
+    r = CliRunner().invoke(main, ["locate", str(spec), "--shard", "5/2", "--cache", str(cache_dir)])
+    assert r.exit_code == 2 and "--shard" in r.output
+    for i in range(3):
+        r = CliRunner().invoke(main, ["locate", str(spec), "--shard", f"{i}/3", "--cache", str(cache_dir), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        assert f"shard {i}/3 on cpu: {[4, 3, 3][i]} of 10 facts, {[4, 3, 3][i]} computed" in r.output
+    r = CliRunner().invoke(main, ["build", str(spec), str(tmp_path / "out"), "--cache", str(cache_dir), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner(env={"RANK": "1", "WORLD_SIZE": "3"}).invoke(main, ["locate", str(spec), "--cache", str(cache_dir)])
+    assert r.exit_code == 0 and "shard 1/3 on cpu: 3 of 10 facts, 0 computed, 3 already cached" in r.output
+
+
+def test_ray_executor_local(world, llama_dir, write_spec, tmp_path, calls):
+    ray = pytest.importorskip("ray")
+    spec = write_spec(spec_data(world, llama_dir))
+    cache_dir = tmp_path / "cache"
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        r = CliRunner().invoke(main, ["locate", str(spec), "--executor", "ray", "--workers", "2", "--cache", str(cache_dir)])
+    finally:
+        ray.shutdown()
+    assert r.exit_code == 0, r.output
+    assert "shard 0/2 on cpu: 5 of 10 facts, 5 computed" in r.output and "shard 1/2 on cpu: 5 of 10 facts, 5 computed" in r.output
+    calls["scores"] = 0
+    build(spec, tmp_path / "out", cache=cache_dir)
+    assert calls["scores"] == 0
