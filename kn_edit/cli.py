@@ -176,7 +176,8 @@ def verify_cmd(checkpoint, spec_path, device, json_out):
 @click.option("--device", default="auto", show_default=True, help="auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda:N")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="compute dtype of attribution; give build the same one")
-def locate(spec, shard, executor, workers, cache_dir, device, dtype):
+@PARAREL_OPT
+def locate(spec, shard, executor, workers, cache_dir, device, dtype, pararel_dir):
     """Locate the knowledge neurons of SPEC's facts into the neuron cache (no checkpoint is written).
 
     Run it once per shard (or through torchrun or Ray), then `kn-edit build SPEC OUT` with the same
@@ -191,7 +192,7 @@ def locate(spec, shard, executor, workers, cache_dir, device, dtype):
                 raise ShardError("--shard: not with --executor ray (Ray assigns the shards)")
             stats = locate_ray(spec, cache_dir, workers, device, dtype)
         else:
-            stats = [locate_shard(spec, cache_dir, parse_shard(shard), device, dtype)]
+            stats = [locate_shard(spec, cache_dir, parse_shard(shard), device, dtype, pararel_dir)]
     except (SpecError, ModelError, ShardError) as e:
         _fail(e)
     for s in stats:
