@@ -102,9 +102,7 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
             limit = method.relation_filter * len(others)
             dropped = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
             neurons = [n for n in fact.neurons if n not in dropped]
-            signs = fact.activation if method.sign_aware else None
-            edits.update(model, neurons, p.facts[0].target_id, p.new_id, method.update_rule, method.lambda1, method.lambda2, signs)
-            applied.append({"neurons": neurons, "dropped_shared": dropped})
+            applied.append({"neurons": neurons, "dropped_shared": dropped, **_update(model, method, p, fact, neurons)})
         else:
             neurons = shared_by(located, method.erase_min_facts)
             edits.erase(model, neurons, method.erase_value, unk)
@@ -120,6 +118,19 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
         (tmp / NEURONS).write_text(json.dumps(neurons_doc, indent=1) + "\n")
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _update(model, method, p, fact, neurons) -> dict:
+    r = edits.resolve(method, arch.arch_of(model).gated)
+    ds = edits.deltas(model, neurons, p.facts[0].target_id, p.new_id, r.rule, r.lambda1, r.lambda2,
+                      fact.activation if r.sign_aware else None)
+    done = {"rule": r.rule, "lambda1": r.lambda1, "lambda2": r.lambda2, "sign_aware": r.sign_aware}
+    if not r.search:
+        edits.write(model, ds, 1.0, method.norm_cap)
+        return {**done, "scale": 1.0, "scale_searched": False}
+    grid = edits.grid(method.scale_min, method.scale_max, method.scale_factor)
+    s = edits.search_scale(model, ds, p.facts[0].prompts, p.new_id, grid, method.scale_need, method.norm_cap)
+    return {**done, "scale": s.scale, "scale_searched": True, "scale_reached": s.ok}
 
 
 def _neuron_list(located, neurons):
@@ -156,6 +167,7 @@ def _report(prep, model, results, applied, before, after, seed, device, dtype):
         if p.kind == "update":
             e.update(subject=p.facts[0].subject, target=p.facts[0].target, new_target=p.new_target,
                      dropped_shared=len(app["dropped_shared"]),
+                     **{k: app[k] for k in ("rule", "lambda1", "lambda2", "sign_aware", "scale", "scale_searched", "scale_reached") if k in app},
                      change_rate=verify.rate(r["after"]["top1_id"] != r["before"]["top1_id"] for r in rows),
                      success_rate=verify.rate(r["after"]["top1_id"] == p.new_id for r in rows))
         else:
