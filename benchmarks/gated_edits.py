@@ -156,7 +156,7 @@ def main():
     ap.add_argument("--cache", type=Path, default=Path("benchmarks/results/gated-cache"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gated-edits.md"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--only", default="", help="variant names separated by | (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -168,10 +168,10 @@ def main():
     t_loc = time.time() - t0
     every = [p for f in facts for p in f["prompts"]]
     before = dict(zip(every, top1(model, every)))
-    pool = pool_acts(model, facts)
-    owner = [id(f) for f in facts for _ in f["prompts"]]
     n_neurons = arch.shape(model)[1]
-    names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
+    names = [n for n in VARIANTS if not args.only or n in args.only.split("|")]
+    pool = pool_acts(model, facts) if any(VARIANTS[n].get("generic") for n in names) else None
+    owner = [id(f) for f in facts for _ in f["prompts"]]
     rows = []
     for name in names:
         opt = VARIANTS[name]
