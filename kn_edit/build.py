@@ -120,23 +120,19 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
             limit = method.relation_filter * len(others)
             dropped = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
             neurons = [n for n in fact.neurons if n not in dropped]
-            applied.append({"neurons": neurons, "dropped_shared": dropped})
+            applied.append({"neurons": neurons, "dropped_shared": dropped, **_choose(model, method, p, fact, neurons, held)})
         else:
             applied.append({"neurons": shared_by(located, method.erase_min_facts)})
 
     # measured on the base model (the random-neuron control is undone before the real edits)
     vcfg = spec.verify
     probes = metrics.probes(prep.plans, prep.extra, vcfg.neighbours, vcfg.held_out)
-    found = [metrics.Located(a["neurons"], [f.neurons for f in located], [f.coarse for f in located])
+    found = [metrics.Located(a["neurons"], [f.neurons for f in located], [f.coarse for f in located], how(a))
              for located, a in zip(results, applied)]
     base = metrics.evaluate_base(model, prep.plans, probes, found, method, unk, seed, vcfg.control_draws)
 
     for p, located, a in zip(prep.plans, results, applied):
-        if p.kind == "update":
-            signs = located[0].activation if method.sign_aware else None
-            edits.update(model, a["neurons"], p.facts[0].target_id, p.new_id, method.update_rule, method.lambda1, method.lambda2, signs)
-        else:
-            edits.erase(model, a["neurons"], method.erase_value, unk)
+        metrics.apply_edit(model, p, a["neurons"], method, unk, how(a), located[0].activation)
 
     after = [_answers(model, prep.tok, p) for p in prep.plans]
     report = _report(prep, model, results, applied, before, after, seed, device, dtype)
@@ -167,6 +163,30 @@ def add_metrics(report: dict, per_edit: list[dict], agg: dict, verify_cfg) -> No
     report["status"] = metrics.status(report["gates"])
 
 
+HOW = ("rule", "lambda1", "lambda2", "sign_aware", "scale")
+
+
+def how(applied: dict) -> dict | None:
+    """How an update was written (rule, lambdas, sign awareness, scale); None for an erase."""
+    return {k: applied[k] for k in HOW} if "rule" in applied else None
+
+
+def _choose(model, method, p, fact, neurons, held_out: int) -> dict:
+    """The update's rule and scale. A searched scale is chosen on the base model, on the prompts used
+    to locate (never the held-out ones); the weights are left as they were."""
+    r = edits.resolve(method, arch.arch_of(model).gated)
+    done = {"rule": r.rule, "lambda1": r.lambda1, "lambda2": r.lambda2, "sign_aware": r.sign_aware}
+    if not r.search:
+        return {**done, "scale": 1.0, "scale_searched": False}
+    ds = edits.deltas(model, neurons, p.facts[0].target_id, p.new_id, r.rule, r.lambda1, r.lambda2,
+                      fact.activation if r.sign_aware else None)
+    grid = edits.grid(method.scale_min, method.scale_max, method.scale_factor)
+    with metrics.restored(model, neurons):
+        s = edits.search_scale(model, ds, metrics.located_part(p.facts[0], held_out).prompts, p.new_id, grid,
+                               method.scale_need, method.norm_cap)
+    return {**done, "scale": s.scale, "scale_searched": True, "scale_reached": s.ok}
+
+
 def _neuron_list(located, neurons):
     return [{"layer": l, "index": i, "score": round(located.score.get((l, i), 0.0), 8),
              "activation": round(located.activation.get((l, i), 0.0), 8)} for l, i in neurons]
@@ -179,6 +199,7 @@ def _neurons_doc(prep, results, applied):
             "kind": p.kind,
             "relation": p.relation,
             "edited": [[l, i] for l, i in app["neurons"]],
+            **({"written": how(app)} if how(app) else {}),
             "facts": [{"subject": f.subject, "target": f.target, "share": f.share, "prompts": f.prompts,
                        "coarse_counts": [len(c) for c in f.coarse], "coarse": [[list(n) for n in c] for c in f.coarse],
                        "neurons": _neuron_list(f, f.neurons)} for f in located],
@@ -202,6 +223,7 @@ def _report(prep, model, results, applied, before, after, seed, device, dtype):
         if p.kind == "update":
             e.update(subject=p.facts[0].subject, target=p.facts[0].target, new_target=p.new_target,
                      dropped_shared=len(app["dropped_shared"]),
+                     **{k: app[k] for k in ("rule", "lambda1", "lambda2", "sign_aware", "scale", "scale_searched", "scale_reached") if k in app},
                      change_rate=verify.rate(r["after"]["top1_id"] != r["before"]["top1_id"] for r in rows),
                      success_rate=verify.rate(r["after"]["top1_id"] == p.new_id for r in rows))
         else:

@@ -266,11 +266,15 @@ def _mean_activation(model, fact: Fact, neurons) -> dict:
     return {(l, i): float(acts[l, i]) for l, i in neurons}
 
 
-def apply_edit(model, plan, neurons, method, unk) -> None:
-    """One edit with the build's rule (used for the control; build.py applies the real ones)."""
+def apply_edit(model, plan, neurons, method, unk, how: dict | None, activation: dict | None = None) -> None:
+    """One edit, written the way `how` says (rule, lambdas, sign awareness, scale: what build chose
+    for the real edit). Without `activation` the signs come from the fact's prompts (the control)."""
     if plan.kind == "update":
-        signs = _mean_activation(model, plan.facts[0], neurons) if method.sign_aware else None
-        edits.update(model, neurons, plan.facts[0].target_id, plan.new_id, method.update_rule, method.lambda1, method.lambda2, signs)
+        signs = None
+        if how["sign_aware"]:
+            signs = activation if activation is not None else _mean_activation(model, plan.facts[0], neurons)
+        edits.update(model, neurons, plan.facts[0].target_id, plan.new_id, how["rule"], how["lambda1"], how["lambda2"],
+                     signs, how["scale"], method.norm_cap)
     else:
         edits.erase(model, neurons, method.erase_value, unk)
 
@@ -281,14 +285,14 @@ def control_neurons(model, edited, seed: int, draws: int) -> list[list[list[Neur
     return [[draw(e, n, rng_for(seed, k, d), e) for k, e in enumerate(edited)] for d in range(draws)]
 
 
-def control(model, plans, probes_, edited, before: Seen, method, unk, seed: int, draws: int) -> list[list[dict]]:
+def control(model, plans, probes_, located: list["Located"], before: Seen, method, unk, seed: int, draws: int) -> list[list[dict]]:
     """Per draw, per edit: the metrics of the spec's edits done on random neurons instead,
     applied in spec order like the real ones, on the base model (restored afterwards)."""
     out = []
-    for sets in control_neurons(model, edited, seed, draws):
+    for sets in control_neurons(model, [l.edited for l in located], seed, draws):
         with restored(model, [x for s in sets for x in s]):
-            for p, s in zip(plans, sets):
-                apply_edit(model, p, s, method, unk)
+            for p, s, loc in zip(plans, sets, located):
+                apply_edit(model, p, s, method, unk, loc.how)
             after = measure(model, probes_)
         out.append([edit_metrics(pr, before, after) for pr in probes_])
     return out
@@ -322,6 +326,7 @@ class Located:
     edited: list[Neuron]  # the neurons the edit wrote
     fact_neurons: list[list[Neuron]]  # per located fact (update: edited fact, then relation_facts)
     coarse: list[list[list[Neuron]]]  # per located fact, per prompt
+    how: dict | None = None  # update: rule, lambdas, sign awareness and scale the edit was written with
 
 
 def evaluate_base(model, plans, probes_, located: list[Located], method, unk, seed, draws):
@@ -339,7 +344,7 @@ def evaluate_base(model, plans, probes_, located: list[Located], method, unk, se
                                     for d in range(draws)]))
         inter.append(mean_pairs(real))
         inter_ctrl.append(mean_pairs(rand))
-    ctrl = control(model, plans, probes_, [l.edited for l in located], before, method, unk, seed, draws)
+    ctrl = control(model, plans, probes_, located, before, method, unk, seed, draws)
     return before, inter, inter_ctrl, ctrl
 
 

@@ -17,7 +17,7 @@ from .models import ModelError
 def located_from_doc(doc: dict) -> list[metrics.Located]:
     pair = lambda xs: [(int(l), int(i)) for l, i in xs]
     return [metrics.Located(pair(e["edited"]), [pair((n["layer"], n["index"]) for n in f["neurons"]) for f in e["facts"]],
-                            [[pair(c) for c in f.get("coarse", [])] for f in e["facts"]]) for e in doc["edits"]]
+                            [[pair(c) for c in f.get("coarse", [])] for f in e["facts"]], e.get("written")) for e in doc["edits"]]
 
 
 def run(folder, spec_path=None, device="cpu") -> dict:

@@ -35,12 +35,24 @@ class Method(_Strict):
     adaptive_share: bool = Field(True, description="move share by share_step until the mean neurons per fact lies in target_neurons")
     share_step: float = Field(0.05, gt=0, le=0.5)
     target_neurons: tuple[int, int] = Field((2, 5), description="[min, max] mean neurons per fact for the adaptive share")
-    update_rule: Literal["authors", "plain"] = Field(
-        "authors", description="authors: v -= l1*|v|/|e_t| e_t, v += l2*|v|/|e_t'| e_t'; plain: v -= l1*e_t, v += l2*e_t'"
+    update_rule: Literal["auto", "authors", "plain"] = Field(
+        "auto", description="authors: v -= l1*|v|/|e_t| e_t, v += l2*|v|/|e_t'| e_t'; plain: v -= l1*e_t, v += l2*e_t'; "
+        "auto: plain on gated MLPs (signed activations), authors elsewhere"
     )
-    sign_aware: bool = Field(False, description="flip the update direction of neurons whose activation on the fact is negative")
-    lambda1: float = Field(1.0, ge=0, description="scale of the old target's removal")
-    lambda2: float = Field(8.0, ge=0, description="scale of the new target's addition")
+    sign_aware: bool | Literal["auto"] = Field(
+        "auto", description="flip the update direction of neurons whose activation on the fact is negative; auto: on gated MLPs"
+    )
+    lambda1: float | None = Field(None, ge=0, description="scale of the old target's removal (default 1)")
+    lambda2: float | None = Field(None, ge=0, description="scale of the new target's addition (default: authors 8, plain 1)")
+    scale: Literal["auto", "search", "fixed"] = Field(
+        "auto", description="search: multiply the update by the smallest scale of a geometric grid at which the edit "
+        "succeeds on the fact's prompts; fixed: scale 1; auto: search on gated MLPs, fixed elsewhere"
+    )
+    scale_min: float = Field(0.25, gt=0, description="search: first scale of the grid")
+    scale_max: float = Field(64.0, gt=0, description="search: last scale of the grid, written when none succeeds")
+    scale_factor: float = Field(1.41421356, gt=1, description="search: ratio of consecutive scales")
+    scale_need: float = Field(1.0, gt=0, le=1, description="search: share of the fact's prompts that must answer new_target")
+    norm_cap: float | None = Field(None, gt=0, description="limit each slot's change to norm_cap x its norm")
     relation_filter: float = Field(
         0.1, ge=0, le=1, description="update: leave out neurons shared by more than this share of the given relation_facts"
     )
@@ -53,6 +65,8 @@ class Method(_Strict):
         lo, hi = self.target_neurons
         if not 0 < lo <= hi:
             raise ValueError(f"target_neurons must be [min, max] with 0 < min <= max, got {list(self.target_neurons)}")
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min ({self.scale_min}) must not exceed scale_max ({self.scale_max})")
         return self
 
 
