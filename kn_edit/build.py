@@ -120,7 +120,7 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
             limit = method.relation_filter * len(others)
             dropped = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
             neurons = [n for n in fact.neurons if n not in dropped]
-            applied.append({"neurons": neurons, "dropped_shared": dropped, **_choose(model, method, p, fact, neurons, held)})
+            applied.append({"neurons": neurons, "dropped_shared": dropped, **_choose(model, method, p, fact, neurons, spec.verify.held_out)})
         else:
             applied.append({"neurons": shared_by(located, method.erase_min_facts)})
 

@@ -108,7 +108,7 @@ class Update(_Strict):
                 raise ValueError("new_target equals target: nothing to update")
             return self
         if self.target is None:
-            raise ValueError("target is required (the answer the model gives now)")
+            raise ValueError("@target: required field is missing (the answer the model gives now)")
         if (self.templates is None) == (self.prompts is None):
             raise ValueError("give exactly one of templates (with [X] and [Y]) or prompts (with [Y])")
         if self.templates is not None and not self.subject:
@@ -258,6 +258,9 @@ class Spec(_Strict):
         return data
 
 
+FIELD_MSG = re.compile(r"^@(\w+): (.*)$", re.S)
+
+
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -281,6 +284,9 @@ def parse(data, file="<spec>") -> Spec:
                 msg = "unknown key"
             elif err["type"] == "missing":
                 msg = "required field is missing"
+            # a model validator names its field as "field: message" (its own location is the parent)
+            if m := FIELD_MSG.match(msg):
+                loc, msg = loc + (m.group(1),), m.group(2)
             problems.append((_loc(loc), msg))
         raise SpecError(file, problems) from None
 

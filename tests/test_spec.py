@@ -62,7 +62,8 @@ def test_causal_answer_must_end_prompt(llama_dir, world, write_spec, tmp_path):
     path = write_spec(spec)
     r = run_cli("validate", path)
     assert r.exit_code == 2
-    assert f"{path}: edits[0].update.templates[1]: '[Y] is the capital of [X] .': for a causal model [Y] must end" in r.output
+    subject = world.facts["capital"][0][0]
+    assert f"{path}: edits[0].update.templates[1]: '[Y] is the capital of {subject} .': for a causal model [Y] must end" in r.output
 
 
 def test_yaml_syntax_error_names_line(write_spec):
