@@ -163,7 +163,7 @@ def add_metrics(report: dict, per_edit: list[dict], agg: dict, verify_cfg) -> No
     report["status"] = metrics.status(report["gates"])
 
 
-HOW = ("rule", "lambda1", "lambda2", "sign_aware", "scale")
+HOW = ("rule", "lambda1", "lambda2", "sign_aware", "scale", "norm_cap")
 
 
 def how(applied: dict) -> dict | None:
@@ -175,7 +175,7 @@ def _choose(model, method, p, fact, neurons, held_out: int) -> dict:
     """The update's rule and scale. A searched scale is chosen on the base model, on the prompts used
     to locate (never the held-out ones); the weights are left as they were."""
     r = edits.resolve(method, arch.arch_of(model).gated)
-    done = {"rule": r.rule, "lambda1": r.lambda1, "lambda2": r.lambda2, "sign_aware": r.sign_aware}
+    done = {"rule": r.rule, "lambda1": r.lambda1, "lambda2": r.lambda2, "sign_aware": r.sign_aware, "norm_cap": r.cap}
     if not r.search:
         return {**done, "scale": 1.0, "scale_searched": False}
     ds = edits.deltas(model, neurons, p.facts[0].target_id, p.new_id, r.rule, r.lambda1, r.lambda2,
@@ -183,7 +183,7 @@ def _choose(model, method, p, fact, neurons, held_out: int) -> dict:
     grid = edits.grid(method.scale_min, method.scale_max, method.scale_factor)
     with metrics.restored(model, neurons):
         s = edits.search_scale(model, ds, metrics.located_part(p.facts[0], held_out).prompts, p.new_id, grid,
-                               method.scale_need, method.norm_cap)
+                               method.scale_need, r.cap)
     return {**done, "scale": s.scale, "scale_searched": True, "scale_reached": s.ok}
 
 
@@ -223,7 +223,7 @@ def _report(prep, model, results, applied, before, after, seed, device, dtype):
         if p.kind == "update":
             e.update(subject=p.facts[0].subject, target=p.facts[0].target, new_target=p.new_target,
                      dropped_shared=len(app["dropped_shared"]),
-                     **{k: app[k] for k in ("rule", "lambda1", "lambda2", "sign_aware", "scale", "scale_searched", "scale_reached") if k in app},
+                     **{k: app[k] for k in (*HOW, "scale_searched", "scale_reached") if k in app},
                      change_rate=verify.rate(r["after"]["top1_id"] != r["before"]["top1_id"] for r in rows),
                      success_rate=verify.rate(r["after"]["top1_id"] == p.new_id for r in rows))
         else:

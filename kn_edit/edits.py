@@ -29,17 +29,19 @@ class Rule:
     lambda2: float
     sign_aware: bool
     search: bool
+    cap: float | None = None
 
 
 def resolve(method, gated: bool) -> Rule:
-    """`auto` settings: sign-aware plain rule with a searched scale where activations are signed
-    (gated MLPs), the paper's fixed authors' rule elsewhere."""
+    """`auto` settings: sign-aware plain rule with a searched scale and each slot's change capped
+    at its norm where activations are signed (gated MLPs), the paper's fixed authors' rule elsewhere."""
     rule = method.update_rule if method.update_rule != "auto" else ("plain" if gated else "authors")
     sign = method.sign_aware if method.sign_aware != "auto" else gated
     search = method.scale == "search" or (method.scale == "auto" and gated)
     l1 = 1.0 if method.lambda1 is None else method.lambda1
     l2 = method.lambda2 if method.lambda2 is not None else (8.0 if rule == "authors" else 1.0)
-    return Rule(rule, l1, l2, bool(sign), search)
+    cap = method.norm_cap if method.norm_cap != "auto" else (1.0 if gated else None)
+    return Rule(rule, l1, l2, bool(sign), search, cap)
 
 
 @torch.no_grad()

@@ -274,7 +274,7 @@ def apply_edit(model, plan, neurons, method, unk, how: dict | None, activation: 
         if how["sign_aware"]:
             signs = activation if activation is not None else _mean_activation(model, plan.facts[0], neurons)
         edits.update(model, neurons, plan.facts[0].target_id, plan.new_id, how["rule"], how["lambda1"], how["lambda2"],
-                     signs, how["scale"], method.norm_cap)
+                     signs, how["scale"], how.get("norm_cap"))
     else:
         edits.erase(model, neurons, method.erase_value, unk)
 

@@ -52,7 +52,8 @@ class Method(_Strict):
     scale_max: float = Field(64.0, gt=0, description="search: last scale of the grid, written when none succeeds")
     scale_factor: float = Field(1.41421356, gt=1, description="search: ratio of consecutive scales")
     scale_need: float = Field(1.0, gt=0, le=1, description="search: share of the fact's prompts that must answer new_target")
-    norm_cap: float | None = Field(None, gt=0, description="limit each slot's change to norm_cap x its norm")
+    norm_cap: float | Literal["auto"] | None = Field(
+        "auto", description="limit each slot's change to norm_cap x its norm; auto: 1 on gated MLPs, none elsewhere")
     relation_filter: float = Field(
         0.1, ge=0, le=1, description="update: leave out neurons shared by more than this share of the given relation_facts"
     )

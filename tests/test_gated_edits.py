@@ -134,12 +134,13 @@ def test_defaults_per_architecture():
     gated, dense = arch.ARCHS["llama"].gated, arch.ARCHS["bert"].gated
     assert gated and not dense
     g = edits.resolve(Method(), gated)
-    assert (g.rule, g.sign_aware, g.search, g.lambda1, g.lambda2) == ("plain", True, True, 1.0, 1.0)
+    assert (g.rule, g.sign_aware, g.search, g.lambda1, g.lambda2, g.cap) == ("plain", True, True, 1.0, 1.0, 1.0)
     b = edits.resolve(Method(), dense)
-    assert (b.rule, b.sign_aware, b.search, b.lambda1, b.lambda2) == ("authors", False, False, 1.0, 8.0)
+    assert (b.rule, b.sign_aware, b.search, b.lambda1, b.lambda2, b.cap) == ("authors", False, False, 1.0, 8.0, None)
+    assert edits.resolve(Method(norm_cap=None), gated).cap is None
     # the authors' rule stays available on gated models, for fidelity to the paper
-    f = edits.resolve(Method(update_rule="authors", sign_aware=False, scale="fixed"), gated)
-    assert (f.rule, f.sign_aware, f.search, f.lambda2) == ("authors", False, False, 8.0)
+    f = edits.resolve(Method(update_rule="authors", sign_aware=False, scale="fixed", norm_cap=None), gated)
+    assert (f.rule, f.sign_aware, f.search, f.lambda2, f.cap) == ("authors", False, False, 8.0, None)
 
 
 def test_build_records_the_chosen_scale(llama_dir, world, write_spec, tmp_path):
