@@ -187,3 +187,14 @@ def test_ray_executor_local(world, llama_dir, write_spec, tmp_path, calls):
     calls["scores"] = 0
     build(spec, tmp_path / "out", cache=cache_dir)
     assert calls["scores"] == 0
+
+
+def test_locate_keys_facts_as_build_does_with_held_out_prompts(world, llama_dir, write_spec, tmp_path, calls):
+    # build locates an update's fact without its held-out prompts; locate must store that same entry
+    data = {**spec_data(world, llama_dir), "verify": {"held_out": 1}}
+    spec = write_spec(data)
+    cache_dir = tmp_path / "cache"
+    locate_shard(spec, cache_dir, (0, 1))
+    calls["scores"] = 0
+    build(spec, tmp_path / "out", cache=cache_dir)
+    assert calls["scores"] == 0
