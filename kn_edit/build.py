@@ -108,7 +108,6 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
     results = []
     with tqdm(total=n_prompts, desc="locating neurons", unit="prompt", disable=None) as bar:
         for p in prep.plans:
-            # an update's fact and its relation_facts choose their shares separately
             groups = located_groups(p, prep.spec.verify.held_out)
             results.append([x for g in groups if g for x in _locate_group(model, g, method, compute_dtype, bar, store)])
 
