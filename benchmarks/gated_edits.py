@@ -182,16 +182,13 @@ def main():
             counts.append(len(ns))
             for control in (False, True):
                 use = random_like(ns, n_neurons, 1000 * k + 7) if control else ns
-                saved = {n: arch.value_slots(model, n[0])[n[1]].clone() for n in use}
                 if control:  # the random neurons' own signs
                     g = dict(f, acts=f["acts"])
                 else:
                     g = f
-                scale, ok = run_edit(model, g, use, opt) if use else (0.0, False)
-                m = evaluate(model, f, facts, before)
-                with torch.no_grad():
-                    for (layer, i), row in saved.items():
-                        arch.value_slots(model, layer)[i] = row
+                with edits.restored(model, use):
+                    scale, ok = run_edit(model, g, use, opt) if use else (0.0, False)
+                    m = evaluate(model, f, facts, before)
                 pre = "r_" if control else ""
                 for key, v in m.items():
                     agg[pre + key] += v

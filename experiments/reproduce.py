@@ -120,19 +120,6 @@ def random_neurons(shape, n, key):
     return sorted({(rng.randrange(L), rng.randrange(inter)) for _ in range(n)})
 
 
-@contextlib.contextmanager
-def restored(model, neurons):
-    from kn_edit import arch
-
-    saved = [(l, i, arch.value_slots(model, l)[i].clone()) for l, i in neurons]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for l, i, v in saved:
-                arch.value_slots(model, l)[i] = v
-
-
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
@@ -236,7 +223,7 @@ def main(argv=None):
             ppl_inter0 = ppl([e for q in rels if q != r for e in base_eval[q]])
             out = {"new_target": new, "neurons": len(kn)}
             for name, ns in (("kn", kn), ("rnd", rnd)):
-                with restored(model, ns):
+                with edits.restored(model, ns):
                     edits.update(model, ns, f.tid, new_id, method.update_rule, method.lambda1, method.lambda2)
                     after = evaluate(model, [f])[0]
                     out[name] = {
@@ -257,7 +244,7 @@ def main(argv=None):
             ns = shared_by(located[r], args.erase_min_facts)
             others = [x for q in rels if q != r for x in facts[q]]
             before_r, before_o = base_eval[r], [e for q in rels if q != r for e in base_eval[q]]
-            with restored(model, ns):
+            with edits.restored(model, ns):
                 edits.erase(model, ns, value, unk)
                 after_r, after_o = evaluate(model, facts[r]), evaluate(model, others)
             return {"neurons": len(ns), "value": value,

@@ -180,7 +180,7 @@ def _choose(model, method, p, fact, neurons, held_out: int) -> dict:
     ds = edits.deltas(model, neurons, p.facts[0].target_id, p.new_id, r.rule, r.lambda1, r.lambda2,
                       fact.activation if r.sign_aware else None)
     grid = edits.grid(method.scale_min, method.scale_max, method.scale_factor)
-    with metrics.restored(model, neurons):
+    with edits.restored(model, neurons):
         s = edits.search_scale(model, ds, metrics.located_part(p.facts[0], held_out).prompts, p.new_id, grid,
                                method.scale_need, r.cap)
     return {**done, "scale": s.scale, "scale_searched": True, "scale_reached": s.ok}

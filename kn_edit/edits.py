@@ -12,6 +12,7 @@ prompts, since a fixed large lambda teaches the whole relation to say t' (benchm
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,18 @@ def deltas(model, neurons: list[Neuron], old_id: int, new_id: int, rule: str, la
     return out
 
 
+@contextlib.contextmanager
+def restored(model, neurons):
+    """Edit value slots inside the block; they are put back bit for bit afterwards."""
+    saved = {(l, i): arch.value_slots(model, l)[i].clone() for l, i in {tuple(n) for n in neurons}}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (l, i), v in saved.items():
+                arch.value_slots(model, l)[i] = v
+
+
 @torch.no_grad()
 def write(model, ds: dict[Neuron, torch.Tensor], scale: float = 1.0, cap: float | None = None) -> None:
     """v <- v + scale * delta; with `cap`, |change| <= cap * |v| per slot."""
@@ -110,17 +123,10 @@ def search_scale(model, ds: dict[Neuron, torch.Tensor], prompts, new_id: int, sc
 
     Each try is undone by copying back the touched rows, so the slots are bit-identical to
     the start until the final write. None works: the largest scale is written (ok=False)."""
-    saved = {n: arch.value_slots(model, n[0])[n[1]].clone() for n in ds}
-
-    def restore():
-        for (layer, i), row in saved.items():
-            arch.value_slots(model, layer)[i] = row
-
     def rate_at(s):
-        write(model, ds, s, cap)
-        r = verify.rate(int(verify.predict(model, p).argmax()) == new_id for p in prompts)
-        restore()
-        return r
+        with restored(model, ds):
+            write(model, ds, s, cap)
+            return verify.rate(int(verify.predict(model, p).argmax()) == new_id for p in prompts)
 
     r = 0.0
     for k, s in enumerate(scales, 1):

@@ -1,8 +1,6 @@
 """Locate a fact's knowledge neurons: attribution on each of its prompts, then coarse sets."""
 from __future__ import annotations
 
-import torch
-
 from . import attribution
 from .neurons import Located, coarse
 from .prompts import Prompt

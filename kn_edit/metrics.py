@@ -91,7 +91,7 @@ def plan_facts(spec, tok, causal, file="<spec>") -> list[tuple[str, Fact]]:
 
 def check_held_out(spec, plans, file="<spec>") -> None:
     h = spec.verify.held_out
-    problems = [(f"verify.held_out", f"{p.where} has {len(p.facts[0].prompts)} prompts; held_out {h} must leave at least one for locating")
+    problems = [("verify.held_out", f"{p.where} has {len(p.facts[0].prompts)} prompts; held_out {h} must leave at least one for locating")
                 for p in plans if p.kind == "update" and h >= len(p.facts[0].prompts)]
     if problems:
         raise SpecError(file, problems)
@@ -186,7 +186,7 @@ def intervention(model, fact: Fact, neurons, before: Seen) -> tuple[float | None
 
 # ---- metrics from measurements ----------------------------------------------------------
 
-def _rows(facts, seen, want_new=None):
+def _rows(facts, seen):
     for f in facts:
         for p in f.prompts:
             top, ps = seen[p.ids]
@@ -249,18 +249,6 @@ def rng_for(seed: int, edit: int, draw_no: int, what: str = "edit") -> random.Ra
     return random.Random(f"kn-edit-control:{seed}:{edit}:{draw_no}:{what}")
 
 
-@contextlib.contextmanager
-def restored(model, neurons):
-    """Edit value slots inside the block; they are put back bit for bit afterwards."""
-    saved = {(l, i): arch.value_slots(model, l)[i].clone() for l, i in {tuple(n) for n in neurons}}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for (l, i), v in saved.items():
-                arch.value_slots(model, l)[i] = v
-
-
 def _mean_activation(model, fact: Fact, neurons) -> dict:
     acts = mean(attribution.clean_activations(model, p)[0] for p in fact.prompts)
     return {(l, i): float(acts[l, i]) for l, i in neurons}
@@ -290,7 +278,7 @@ def control(model, plans, probes_, located: list["Located"], before: Seen, metho
     applied in spec order like the real ones, on the base model (restored afterwards)."""
     out = []
     for sets in control_neurons(model, [l.edited for l in located], seed, draws):
-        with restored(model, [x for s in sets for x in s]):
+        with edits.restored(model, [x for s in sets for x in s]):
             for p, s, loc in zip(plans, sets, located):
                 apply_edit(model, p, s, method, unk, loc.how)
             after = measure(model, probes_)

@@ -4,7 +4,7 @@ Every tokenizer-level problem (a causal prompt whose [Y] is not at the end, a ta
 not one token) is reported with its field path, before any model weights are loaded."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .prompts import Prompt, PromptError, encode, target_id
 from .spec import Spec, SpecError

@@ -32,6 +32,7 @@ def test_update_one_fact_in_smollm2(write_spec, tmp_path):
         probs = verify.predict(model, p)
         p_old, p_new = float(probs[target_id(tok, p, "Berlin", True)]), float(probs[target_id(tok, p, "Paris", True)])
         assert p_old == pytest.approx(row["after"]["p_target"], rel=1e-4)
+        assert p_new == pytest.approx(row["after"]["p_new_target"], rel=1e-4)
         assert p_old < row["before"]["p_target"] / 2  # the old answer lost most of its probability
         assert row["before"]["top1"] == "Berlin"
     assert sum(r["after"]["p_new_target"] - r["before"]["p_new_target"] for r in e["prompts"]) > 0

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from conftest import update_edit
 
-from kn_edit import arch, metrics, models
+from kn_edit import arch, edits, metrics, models
 from kn_edit.cli import main
 
 
@@ -88,7 +88,7 @@ def test_control_restores_the_weights_bit_for_bit(bert_dir):
     model, _ = models.load_model(models.resolve(str(bert_dir)))
     before = [arch.value_slots(model, l).clone() for l in range(arch.shape(model)[0])]
     neurons = [(0, 1), (2, 5)]
-    with metrics.restored(model, neurons):
+    with edits.restored(model, neurons):
         with torch.no_grad():
             for l, i in neurons:
                 arch.value_slots(model, l)[i] += 1.0
