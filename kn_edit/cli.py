@@ -36,6 +36,20 @@ def main():
     """Knowledge-neuron edits from a YAML spec to a verified checkpoint."""
 
 
+def device_opt(help="auto, cpu, cuda or cuda:N"):
+    return click.option("--device", default="auto", show_default=True, help=help)
+
+
+def dtype_opt(help):
+    return click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                        show_default=True, help=help)
+
+
+def cache_opt(help="neuron cache folder"):
+    return click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help=f"{help}  [default: $KN_EDIT_CACHE/neurons or ~/.cache/kn_edit/neurons]")
+
+
 PARAREL_OPT = click.option("--pararel", "pararel_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                            help="PARAREL directory for source: pararel edits (overrides the spec's and $KN_EDIT_PARAREL)")
 
@@ -59,9 +73,8 @@ def validate(spec, pararel_dir):
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="replace OUT if it exists (only once the new checkpoint is complete)")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="compute dtype of attribution (autocast); edits and saved weights keep the model's own dtype")
+@device_opt()
+@dtype_opt("compute dtype of attribution (autocast); edits and saved weights keep the model's own dtype")
 @click.option("--seed", type=int, default=None, help="overrides the spec's seed")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", default=None,
               help="then push the checkpoint to this Hub repository (overrides the spec's hub.repo)")
@@ -69,8 +82,7 @@ def validate(spec, pararel_dir):
 @click.option("--force-push", is_flag=True, help="push even if verification did not pass (recorded in the model card)")
 @_hub_options
 @PARAREL_OPT
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="neuron cache folder  [default: $KN_EDIT_CACHE/neurons or ~/.cache/kn_edit/neurons]")
+@cache_opt()
 @click.option("--no-cache", is_flag=True, help="locate every fact afresh and store nothing")
 def build(spec, out, force, device, dtype, seed, push_to, no_push, private, revision, create_pr, force_push, pararel_dir,
           cache_dir, no_cache):
@@ -146,7 +158,7 @@ def _verdict(report: dict, done: str):
 @click.argument("checkpoint", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="take the gates and metric settings (the verify section) from SPEC instead of the checkpoint's spec copy")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@device_opt()
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="also write the recomputed report here")
 def verify_cmd(checkpoint, spec_path, device, json_out):
     """Recompute CHECKPOINT's metrics against its base model and apply the gates (exit 1 if one fails)."""
@@ -171,11 +183,9 @@ def verify_cmd(checkpoint, spec_path, device, json_out):
               help="ray: spread the shards over a Ray cluster (RAY_ADDRESS) or a local one")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="ray: number of shards  [default: the cluster's GPUs, else its nodes]")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="neuron cache folder, shared by all shards  [default: $KN_EDIT_CACHE/neurons or ~/.cache/kn_edit/neurons]")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda:N")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="compute dtype of attribution; give build the same one")
+@cache_opt("neuron cache folder, shared by all shards")
+@device_opt("auto (cuda:LOCAL_RANK when there is a GPU), cpu, cuda:N")
+@dtype_opt("compute dtype of attribution; give build the same one")
 @PARAREL_OPT
 def locate(spec, shard, executor, workers, cache_dir, device, dtype, pararel_dir):
     """Locate the knowledge neurons of SPEC's facts into the neuron cache (no checkpoint is written).

@@ -37,16 +37,6 @@ def parse_shard(text: str | None, env=None) -> tuple[int, int]:
     return i, n
 
 
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-
-
 def unique_facts(prep, store: Cache, method) -> list:
     """The facts exactly as build locates them (held-out prompts left out), each once."""
     from .build import located_groups
@@ -63,12 +53,12 @@ def unique_facts(prep, store: Cache, method) -> list:
 
 def locate_shard(spec_path, cache_dir, shard=(0, 1), device="auto", dtype="float32", pararel_dir=None) -> dict:
     """Locate shard i of N of the spec's facts into cache_dir; returns counts."""
-    from .build import DTYPES, prepare, seed_everything
+    from .build import DTYPES, pick_device, prepare, seed_everything
 
     i, n = shard
     prep = prepare(spec_path, pararel_dir)
     seed_everything(prep.spec.seed)
-    device = _device(device)
+    device = pick_device(device)
     model, _ = models.load_model(prep.source, device)
     model.requires_grad_(False)
     store = Cache(cache_dir, prep.source.identity, dtype)
