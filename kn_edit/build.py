@@ -89,9 +89,10 @@ def _shown(p):
     return p.facts[:1] if p.kind == "update" else p.facts
 
 
-def _answers(model, tok, p):
+def _answers(seen: metrics.Seen, tok, p):
+    """Report rows of an edit's prompts from predictions measured once for the metrics."""
     watch = lambda f: {"target": f.target_id, **({"new_target": p.new_id} if p.kind == "update" else {})}
-    return [[verify.answer(verify.predict(model, pr), tok, watch(f)) for pr in f.prompts] for f in _shown(p)]
+    return [[verify.answer(*seen[pr.ids], tok, watch(f)) for pr in f.prompts] for f in _shown(p)]
 
 
 def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32", seed=None, cache=None) -> dict:
@@ -106,8 +107,6 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
     model, native = models.load_model(prep.source, device)
     model.requires_grad_(False)
     store = Cache(cache, prep.source.identity, dtype) if cache is not None else None
-
-    before = [_answers(model, prep.tok, p) for p in prep.plans]
 
     n_prompts = sum(len(f.prompts) for p in prep.plans for f in p.facts)
     results = []
@@ -138,9 +137,11 @@ def run(prep: Prepared, out: Path, *, force=False, device="cpu", dtype="float32"
     for p, located, a in zip(prep.plans, results, applied):
         metrics.apply_edit(model, p, a["neurons"], method, unk, how(a), located[0].activation)
 
-    after = [_answers(model, prep.tok, p) for p in prep.plans]
+    seen_after = metrics.measure(model, probes)
+    before = [_answers(base[0], prep.tok, p) for p in prep.plans]
+    after = [_answers(seen_after, prep.tok, p) for p in prep.plans]
     report = _report(prep, model, results, applied, before, after, seed, device, dtype)
-    per_edit, agg = metrics.finish(probes, found, base[0], metrics.measure(model, probes), *base[1:])
+    per_edit, agg = metrics.finish(probes, found, base[0], seen_after, *base[1:])
     add_metrics(report, per_edit, agg, vcfg)
     neurons_doc = _neurons_doc(prep, results, applied)
 

@@ -13,10 +13,10 @@ def predict(model, prompt: Prompt) -> torch.Tensor:
     return model(ids).logits[0, prompt.pos].float().softmax(-1)
 
 
-def answer(probs: torch.Tensor, tok, watch: dict[str, int]) -> dict:
-    top = int(probs.argmax())
+def answer(top: int, probs: dict[int, float], tok, watch: dict[str, int]) -> dict:
+    """A report row: the top-1 token and the probabilities of the watched tokens."""
     word = tok.decode([top])
-    return {"top1": word.strip() or repr(word), "top1_id": top, **{f"p_{k}": float(probs[v]) for k, v in watch.items()}}
+    return {"top1": word.strip() or repr(word), "top1_id": top, **{f"p_{k}": probs[v] for k, v in watch.items()}}
 
 
 def rate(flags) -> float:
