@@ -83,16 +83,24 @@ def output_embedding(model) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
-def head(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits from the last block's output at the answer position(s): [..., hidden] -> [..., vocab]."""
+def head_input(model, h: torch.Tensor) -> torch.Tensor:
+    """The last block's output as the output projection reads it (final norm / MLM transform)."""
     a = arch_of(model)
     if a.name == "bert":
-        return model.cls(h)
+        return model.cls.predictions.transform(h)
     if a.name == "roberta":
-        return model.lm_head(h)
+        from transformers.activations import gelu
+
+        m = model.lm_head
+        return m.layer_norm(gelu(m.dense(h)))
     if a.name == "gpt2":
-        return model.lm_head(model.transformer.ln_f(h))
-    return model.lm_head(model.model.norm(h))
+        return model.transformer.ln_f(h)
+    return model.model.norm(h)
+
+
+def head(model, h: torch.Tensor) -> torch.Tensor:
+    """Logits from the last block's output at the answer position(s): [..., hidden] -> [..., vocab]."""
+    return model.get_output_embeddings()(head_input(model, h))
 
 
 class PrefixKV:
