@@ -7,6 +7,7 @@ in the paper's notation).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +21,10 @@ class Arch:
     value: str  # dotted path from a block to the FFN output projection (W2)
     conv1d: bool = False  # GPT-2's Conv1D stores W2 as [in, out] instead of [out, in]
     gated: bool = False  # act(gate) * up: activations are signed
+    post_norm: str | None = None  # post-LN blocks: the norm applied to (residual + W2 output)
 
 
-_BERT = dict(causal=False, value="output.dense")
+_BERT = dict(causal=False, value="output.dense", post_norm="output.LayerNorm")
 _LLAMA = dict(causal=True, blocks="model.layers", value="mlp.down_proj", gated=True)
 ARCHS = {
     "bert": Arch("bert", blocks="bert.encoder.layer", **_BERT),
@@ -103,6 +105,40 @@ def head(model, h: torch.Tensor) -> torch.Tensor:
     return model.get_output_embeddings()(head_input(model, h))
 
 
+@contextlib.contextmanager
+def ffn_taps(model, pos: int, store: dict):
+    """Record per layer l: store[l]["out"], the block's output [batch, seq, hidden], and
+    store[l]["residual"], what the FFN's output is added to at position pos."""
+    a = arch_of(model)
+    hooks = []
+
+    def keep(rec, key, x):
+        rec[key] = x.detach()
+
+    for l, block in enumerate(blocks(model)):
+        rec = store.setdefault(l, {})
+        hooks.append(_get(block, a.value).register_forward_hook(lambda m, args, out, rec=rec: keep(rec, "y", out[:, pos])))
+        if a.post_norm:
+            hooks.append(_get(block, a.post_norm).register_forward_pre_hook(
+                lambda m, args, rec=rec: keep(rec, "sum", args[0][:, pos])))
+        hooks.append(block.register_forward_hook(
+            lambda m, args, out, rec=rec: keep(rec, "out", out[0] if isinstance(out, tuple) else out)))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for rec in store.values():
+            rec["residual"] = (rec.pop("sum") if a.post_norm else rec["out"][:, pos]) - rec.pop("y")
+
+
+def ffn_output(model, layer: int, residual: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """The block's output at the tapped position when its neuron activations are `act` [rows, I]."""
+    a = arch_of(model)
+    v = residual + value_module(model, layer)(act).to(residual.dtype)
+    return _get(blocks(model)[layer], a.post_norm)(v) if a.post_norm else v
+
+
 class PrefixKV:
     """Read-only stand-in for a transformers Cache: every row of a batch attends to the same
     prefix keys/values plus its own. Attention modules call .update(k, v, layer_idx)."""
@@ -137,6 +173,30 @@ def block_inputs(model, ids: torch.Tensor, out) -> BlockInputs:
         pos = torch.tensor([[ids.shape[1] - 1]], device=ids.device)
         rope = model.model.rotary_emb(out.hidden_states[0][:, -1:], pos)
     return BlockInputs(kv, rope)
+
+
+class WholeKV:
+    """Keys/values of whole sequences, for a masked LM's block run on one query position."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        return self.keys, self.values
+
+
+def run_block_at(model, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+    """A masked LM's block output at position pos only, [rows, 1, hidden]: keys and values come
+    from every position, the query, attention output and FFN from pos alone (the top block
+    needs nothing else)."""
+    block = blocks(model)[layer]
+    sa = block.attention.self
+    shape = (*h.shape[:-1], -1, sa.attention_head_size)
+    k = sa.key(h).view(shape).transpose(1, 2)
+    v = sa.value(h).view(shape).transpose(1, 2)
+    # contiguous: a strided 3-d input sends nn.Linear to a batched matmul over copies of the weight
+    out = block(h[:, pos : pos + 1].contiguous(), past_key_values=WholeKV(k, v))
+    return out[0] if isinstance(out, tuple) else out
 
 
 def run_block(model, layer: int, h: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:

@@ -9,9 +9,12 @@ Two implementations that give the same numbers:
 - `reference`: the authors' structure. For each layer, a batch of the m scaled copies of the
   prompt runs through the whole model. Plain; it defines the result.
 - `fast`: the layers below l do not change when layer l is scaled, so each layer's m rows
-  join the batch at their own layer, starting from the clean hidden states. For causal models
-  the earlier positions do not change either: the rows are the last position only, attending
-  to the clean prefix keys and values. The vocabulary projection runs at the answer position only.
+  join the batch at the output of block l: the clean output with the answer position recomputed
+  from its residual and the scaled activations. For causal models the earlier positions do not
+  change either: the rows are the last position only, attending to the clean prefix keys and
+  values. A masked LM's top block runs for the answer position only (keys and values from all).
+  The vocabulary projection runs at the answer position only, and p(target) and its gradient
+  come from one softmax per block of rows (`TargetProb`).
 """
 from __future__ import annotations
 
@@ -114,8 +117,9 @@ def _fast(model, prompt, target, steps, dtype, max_rows):
     a = arch.arch_of(model)
     L, _ = arch.shape(model)
     ids = torch.tensor([prompt.ids], device=model.device)
-    store: dict = {}
-    with torch.no_grad(), recorded(model, prompt.pos, store), _autocast(model, dtype):
+    store, taps = {}, {}
+    with torch.no_grad(), recorded(model, prompt.pos, store), arch.ffn_taps(model, prompt.pos, taps), \
+            _autocast(model, dtype):
         out = model(ids, use_cache=a.causal, output_hidden_states=True)
     inputs = arch.block_inputs(model, ids, out)
     acts = [store[l][0].float() for l in range(L)]
@@ -123,42 +127,40 @@ def _fast(model, prompt, target, steps, dtype, max_rows):
         max_rows = row_budget(model, ids.shape[1], dtype)
     grads = []
     for group in layer_groups(L, steps, max_rows):
-        grads += _group_grads(model, a, group, out.hidden_states, inputs, acts, prompt.pos, target, steps, dtype)
+        grads += _group_grads(model, a, group, taps, inputs, acts, prompt.pos, target, steps, dtype)
     return torch.stack([g.float().sum(0) * acts[l] / steps for l, g in enumerate(grads)])
 
 
-def _group_grads(model, a, layers, hidden, inputs, acts, answer_pos, target, steps, dtype):
-    """Gradients of p(target) w.r.t. the scaled activations of `layers` (contiguous)."""
+def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, target, steps, dtype):
+    """Gradients of p(target) w.r.t. the scaled activations of `layers` (contiguous).
+
+    Layer l's m rows start at the output of block l: the clean output, with the answer position
+    recomputed from its residual and the scaled activations (nothing else in block l changes)."""
     # causal: rows are the last position alone; masked: rows are whole sequences
     span = slice(-1, None) if a.causal else slice(None)
     pos = 0 if a.causal else answer_pos
     alphas = _alphas(steps, model.device)
-    L = len(acts)
-    leaves, hooks = [], []
-    h = None
-    try:
-        for l in range(layers[0], L):
+    leaves, h = [], None
+    top = len(acts) - 1
+    for l in range(layers[0], len(acts)):
+        with _autocast(model, dtype):
+            if h is not None:
+                # masked LMs: the top block runs for the answer position alone
+                h = arch.run_block_at(model, l, h, pos) if l == top and not a.causal else arch.run_block(model, l, h, inputs)
             if l in layers:
-                fresh = hidden[l][:, span].detach().expand(steps, -1, -1)
-                first = 0 if h is None else h.shape[0]
-                h = fresh if h is None else torch.cat([h, fresh])
                 leaf = (alphas[:, None] * acts[l][None]).requires_grad_(True)
                 leaves.append(leaf)
-                hooks.append(
-                    arch.value_module(model, l).register_forward_pre_hook(
-                        lambda mod, args, first=first, leaf=leaf: (_replace_at(args[0], first, pos, leaf),) + args[1:]
-                    )
-                )
-            with _autocast(model, dtype):
-                h = arch.run_block(model, l, h, inputs)
-        with _autocast(model, dtype):
-            x = arch.head_input(model, h[:, pos])
-        out = model.get_output_embeddings()
-        p = TargetProb.apply(x, out.weight, out.bias, target)
-        return list(torch.autograd.grad(p.sum(), leaves))
-    finally:
-        for hk in hooks:
-            hk.remove()
+                at = arch.ffn_output(model, l, taps[l]["residual"], leaf)
+                if l == top:
+                    rows = at[:, None]
+                else:
+                    rows = _replace_at(taps[l]["out"][:, span].expand(steps, -1, -1), 0, pos, at)
+                h = rows if h is None else torch.cat([h, rows.to(h.dtype)])
+    with _autocast(model, dtype):
+        x = arch.head_input(model, h[:, 0])  # one position left: the answer
+    out = model.get_output_embeddings()
+    p = TargetProb.apply(x, out.weight, out.bias, target)
+    return list(torch.autograd.grad(p.sum(), leaves))
 
 
 class TargetProb(torch.autograd.Function):

@@ -17,12 +17,12 @@ CONFIGS = {
 }
 
 
-def tiny(kind):
+def tiny(kind, attn="eager"):
     torch.manual_seed(0)
     cfg = dict(CONFIGS[kind])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     auto = AutoModelForCausalLM if arch.ARCHS[kind].causal else AutoModelForMaskedLM
-    model = auto.from_config(config, attn_implementation="eager").eval()
+    model = auto.from_config(config, attn_implementation=attn).eval()
     # random init gives a nearly flat output; sharpen it so p(target) has real gradients
     with torch.no_grad():
         arch.output_embedding(model).mul_(8.0)
@@ -59,6 +59,14 @@ def plain(model, p, target, steps):
             out[l] += g
         out[l] *= acts[l] / steps
     return out
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_fast_equals_reference_with_sdpa_attention(kind):
+    """The attention that models load with by default (the fast engine picks its own kernel)."""
+    model = tiny(kind, "sdpa")
+    p = prompt(kind, 3)
+    same(attribution.fast(model, p, 11, steps=8), attribution.reference(model, p, 11, steps=8))
 
 
 def same(a, b):
