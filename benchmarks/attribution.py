@@ -112,11 +112,34 @@ def worker(a):
         out.append(sorted(map(tuple, (s >= THRESHOLD * top).nonzero().tolist())) if top > 0 else [])
     _sync(a.device)
     secs = time.perf_counter() - t
+    flops = _count_flops(lambda: [run(k, steps=a.steps) for k in range(len(items))])
     Path(a.json).write_text(json.dumps({
-        "seconds": secs, "n": len(items), "coarse": out, "ids": ids,
+        "seconds": secs, "n": len(items), "coarse": out, "ids": ids, "gflop": flops / 1e9,
         "peak_mb": _peak(a.device), "loaded_mb": loaded,
-        "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if a.device == "cuda" else _cpu_name(),
     }))
+
+
+def _count_flops(fn) -> float:
+    """Floating-point operations of the matrix products and attention that fn dispatches
+    (forward and backward; torch's own FLOP formulas), counted in an untimed extra pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            f = flop_registry.get(func._overloadpacket)
+            if f is not None:
+                self.total += f(*args, **kwargs, out_val=out)
+            return out
+
+    with Count() as c:
+        fn()
+    return c.total
 
 
 def _ours(a, model, tok, causal, items):
@@ -158,6 +181,18 @@ def _package(a, model, tok, causal, items):
     return run, ids
 
 
+def _cpu_name():
+    """CPU model and its bf16 matrix support (AMX or AVX-512 BF16), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "cpu")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "no bf16 matrix units"
+    return f"CPU {name}, {bf16}"
+
+
 def _peak(device):
     if device == "cuda":
         import torch
@@ -194,9 +229,9 @@ def table(results, args, n_facts):
     lines = []
     for m, rows in results.items():
         ok = {r: v for r, v in rows.items() if "seconds" in v}
-        lines += [f"### {m}", "", "| row | prompts/s | s/prompt | x reference | x package | x fast-fp32 | peak MB | model loaded MB |"
-                  " coarse Jaccard vs reference | refined Jaccard vs reference | vs fast-fp32 | vs package |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {m}", "", "| row | prompts/s | s/prompt | x reference | x package | x fast-fp32 | GFLOP/prompt | GFLOP/s |"
+                  " peak MB | model loaded MB | coarse Jaccard vs reference | refined Jaccard vs reference | vs fast-fp32 | vs package |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         speed = {r: v["n"] / v["seconds"] for r, v in ok.items()}
         ref = {r: refined(v["coarse"], fact_of) for r, v in ok.items()}
 
@@ -216,15 +251,19 @@ def table(results, args, n_facts):
             if r not in rows:
                 continue
             if r not in ok:
-                lines.append(f"| {r} | not measured: {rows[r].get('skipped', 'failed')} |" + " |" * 10)
+                lines.append(f"| {r} | not measured: {rows[r].get('skipped', 'failed')} |" + " |" * 12)
                 continue
             v = ok[r]
             lines.append(
                 f"| {r} | {speed[r]:.3f} | {1 / speed[r]:.2f} | {ratio(r, 'reference')} | {ratio(r, 'package')} | "
-                f"{ratio(r, 'fast-fp32')} | {v['peak_mb']:.0f} | {v['loaded_mb']:.0f} | {jac(r, 'reference', 'coarse')} | "
+                f"{ratio(r, 'fast-fp32')} | {v['gflop'] / v['n']:.1f} | {v['gflop'] / v['seconds']:.0f} | {v['peak_mb']:.0f} | {v['loaded_mb']:.0f} | {jac(r, 'reference', 'coarse')} | "
                 f"{jac(r, 'reference')} | {jac(r, 'fast-fp32')} | {jac(r, 'package')} |")
         same_ids = {json.dumps(v["ids"]) for v in ok.values()}
         sizes = {r: sum(len(s) for s in ref[r].values()) / len(ref[r]) for r in ok}
+        work = {r: v["gflop"] for r, v in ok.items()}
+        if "reference" in work and "fast-fp32" in work:
+            lines += ["", f"Work ratio reference / fast-fp32: {work['reference'] / work['fast-fp32']:.2f}x fewer FLOPs "
+                      f"(the speed-up a device running both at the same FLOP rate would show)."]
         lines += ["", f"Same token ids and targets in every row: {'yes' if len(same_ids) <= 1 else 'NO'}. "
                   f"Mean refined neurons per fact: " + ", ".join(f"{r} {n:.1f}" for r, n in sizes.items()) + ".", ""]
     return "\n".join(lines)
