@@ -30,7 +30,7 @@ from kn_edit.locate import locate  # noqa: E402
 from kn_edit.neurons import Located, choose_share, finish, shared_by  # noqa: E402
 from kn_edit.prompts import encode, target_id  # noqa: E402
 from kn_edit.spec import Method  # noqa: E402
-from kn_edit.verify import predict  # noqa: E402
+from kn_edit.verify import predict, predict_many  # noqa: E402
 
 
 class Cache:
@@ -95,11 +95,12 @@ def p_gold(model, fact):
 
 
 def evaluate(model, facts):
-    """Per fact: top-1 ids and p(gold) on each prompt."""
+    """Per fact: top-1 ids and p(gold) on each prompt (all prompts in padded batches)."""
+    probs = iter(predict_many(model, [p for f in facts for p in f.prompts]))
     out = []
     for f in facts:
-        probs = [predict(model, p) for p in f.prompts]
-        out.append({"top1": [int(x.argmax()) for x in probs], "p": [float(x[f.tid]) for x in probs]})
+        ps = [next(probs) for _ in f.prompts]
+        out.append({"top1": [int(x.argmax()) for x in ps], "p": [float(x[f.tid]) for x in ps]})
     return out
 
 
@@ -134,6 +135,10 @@ def main(argv=None):
     ap.add_argument("--scan", type=int, default=200, help="look at most this many facts per relation for known ones")
     ap.add_argument("--erase", type=int, default=2, help="erase the first this many relations")
     ap.add_argument("--erase-min-facts", type=int, default=2, help="erase neurons shared by >= this many located facts")
+    ap.add_argument("--erase-facts", type=int, default=0, help="known facts to locate in the erased relations (default: --facts)")
+    ap.add_argument("--updates", type=int, default=0, help="update the first this many relations (default: all)")
+    ap.add_argument("--inter-sample", type=int, default=0,
+                    help="inter-relation perplexity over the first this many facts of each other relation (default: all)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -158,11 +163,18 @@ def main(argv=None):
         use = pararel.usable(tok, True, pararel.templates(args.pararel, r), fact_pairs(args.pararel, r)[: args.scan])
         skipped[r] = use.skipped
 
-        def scan():
-            return [[s, o] for s, o in use.facts if pararel.known(model, tok, True, use.templates, s, o)][: args.facts]
+        want = max(args.facts, args.erase_facts) if r in rels[: args.erase] else args.facts
 
-        # cached once per relation: a later run with more --facts needs a fresh cache
-        known = cache.get(("known", r, str(args.scan)), scan)[: args.facts]
+        def scan():
+            found = []
+            for s, o in use.facts:
+                if len(found) == want:
+                    break
+                if pararel.known(model, tok, True, use.templates, s, o):
+                    found.append([s, o])
+            return found
+
+        known = cache.get(("known", r, str(args.scan), str(want)), scan)
         facts[r] = [Fact(tok, r, s, o, use.templates) for s, o in known]
         locs = []
         for f in facts[r]:
@@ -204,7 +216,8 @@ def main(argv=None):
     # updating, each edit undone before the next
     base_eval = {r: evaluate(model, facts[r]) for r in rels}
     upd = []
-    for r, f, loc in all_facts:
+    updated = rels[: args.updates or len(rels)]
+    for r, f, loc in [x for x in all_facts if x[0] in updated and facts[x[0]].index(x[1]) < args.facts]:
         def run(r=r, f=f, loc=loc):
             rng = random.Random(f"{args.seed}:{r}:{f.subject}:new")
             objects = sorted({o for _, o in pararel.usable(tok, True, pararel.templates(args.pararel, r),
@@ -218,22 +231,47 @@ def main(argv=None):
             i = facts[r].index(f)
             before = base_eval[r][i]
             intra_f = [x for x in facts[r] if x is not f]
-            inter_f = [x for q in rels if q != r for x in facts[q]]
+            k = args.inter_sample or None
+            inter_f = [x for q in rels if q != r for x in facts[q][:k]]
             ppl_intra0 = ppl([e for x, e in zip(facts[r], base_eval[r]) if x is not f])
-            ppl_inter0 = ppl([e for q in rels if q != r for e in base_eval[q]])
+            ppl_inter0 = ppl([e for q in rels if q != r for e in base_eval[q][:k]])
             out = {"new_target": new, "neurons": len(kn)}
+
+            def measure():
+                after = evaluate(model, [f])[0]
+                return {
+                    "change": mean(a != b for a, b in zip(after["top1"], before["top1"])),
+                    "success": mean(a == new_id for a in after["top1"]),
+                    "d_intra_ppl": ppl(evaluate(model, intra_f)) - ppl_intra0,
+                    "d_inter_ppl": ppl(evaluate(model, inter_f)) - ppl_inter0,
+                }
+
+            # the paper's rule (lambda1 = 1, lambda2 = 8, scaled by each slot's norm)
             for name, ns in (("kn", kn), ("rnd", rnd)):
                 with edits.restored(model, ns):
-                    edits.update(model, ns, f.tid, new_id, method.update_rule, method.lambda1, method.lambda2)
-                    after = evaluate(model, [f])[0]
-                    out[name] = {
-                        "change": mean(a != b for a, b in zip(after["top1"], before["top1"])),
-                        "success": mean(a == new_id for a in after["top1"]),
-                        "d_intra_ppl": ppl(evaluate(model, intra_f)) - ppl_intra0,
-                        "d_inter_ppl": ppl(evaluate(model, inter_f)) - ppl_inter0,
-                    }
+                    edits.update(model, ns, f.tid, new_id, "authors", 1.0, 8.0)
+                    out[name] = measure()
+            # kn-edit's default on gated MLPs: sign-aware plain rule, the smallest scale of the grid
+            # that works on the first half of the fact's prompts (chosen with the knowledge neurons
+            # and reused for the random ones), each slot's change capped at its norm
+            rule = edits.resolve(method, True)
+            acts = sum(attribution.clean_activations(model, p)[0] for p in f.prompts) / len(f.prompts)
+            signs = {n: float(acts[n]) for n in set(kn) | set(rnd)}
+            grid = edits.grid(method.scale_min, method.scale_max, method.scale_factor)
+            scale = None
+            for name, ns in (("kn_default", kn), ("rnd_default", rnd)):
+                ds = edits.deltas(model, ns, f.tid, new_id, rule.rule, rule.lambda1, rule.lambda2, signs)
+                with edits.restored(model, ns):
+                    if scale is None:
+                        half = f.prompts[: max(1, len(f.prompts) // 2)]
+                        scale = edits.search_scale(model, ds, half, new_id, grid, method.scale_need, rule.cap).scale
+                    else:
+                        edits.write(model, ds, scale, rule.cap)
+                    out[name] = measure()
+            out["scale"] = scale
             return out
-        upd.append(cache.get(("update", r, f.subject, str(args.seed), str(loc.neurons)), run))
+        upd.append(cache.get(("update", r, f.subject, str(args.seed), str(loc.neurons)), run) | {"relation": r})
+        print(f"update {r} {f.subject}: {time.time() - t0:.0f}s", flush=True)
 
     # erasing: the neurons shared by >= erase_min_facts facts of the relation
     unk = tok.unk_token_id
@@ -253,7 +291,7 @@ def main(argv=None):
         era.append((r, cache.get(("erase", r, str(args.erase_min_facts), str([l.neurons for l in located[r]])), run)))
 
     wall = time.time() - t0
-    print(report(args, rels, skipped, facts, n_per, intra, inter, supp, upd, era, wall))
+    print(report(args, rels, skipped, facts, located, n_per, intra, inter, supp, upd, era, wall))
 
 
 def _located(model, f, method):
@@ -266,7 +304,7 @@ def pct(x):
     return f"{100 * x:+.2f}%"
 
 
-def report(args, rels, skipped, facts, n_per, intra, inter, supp, upd, era, wall):
+def report(args, rels, skipped, facts, located, n_per, intra, inter, supp, upd, era, wall):
     n = sum(len(facts[r]) for r in rels)
     kn = lambda k: mean(u["kn"][k] for u in upd)
     rn = lambda k: mean(u["rnd"][k] for u in upd)
@@ -290,6 +328,15 @@ def report(args, rels, skipped, facts, n_per, intra, inter, supp, upd, era, wall
         f"| | intra-relation PPL change, knowledge / random | see paper | {kn('d_intra_ppl'):+.2f} / {rn('d_intra_ppl'):+.2f} |",
         f"| | inter-relation PPL change, knowledge / random | see paper | {kn('d_inter_ppl'):+.2f} / {rn('d_inter_ppl'):+.2f} |",
     ]
+    if upd and "kn_default" in upd[0]:
+        kd = lambda k: mean(u["kn_default"][k] for u in upd)
+        rd = lambda k: mean(u["rnd_default"][k] for u in upd)
+        lines += [
+            f"| updating, kn-edit's gated default | change rate, knowledge / random neurons | - | {100 * kd('change'):.1f}% / {100 * rd('change'):.1f}% |",
+            f"| | success rate, knowledge / random neurons | - | {100 * kd('success'):.1f}% / {100 * rd('success'):.1f}% |",
+            f"| | intra-relation PPL change, knowledge / random | - | {kd('d_intra_ppl'):+.2f} / {rd('d_intra_ppl'):+.2f} |",
+            f"| | inter-relation PPL change, knowledge / random | - | {kd('d_inter_ppl'):+.2f} / {rd('d_inter_ppl'):+.2f} |",
+        ]
     for r, e in era:
         lines.append(
             f"| erasing {r} ({e['neurons']} neurons, {e['value']}) | accuracy / PPL on {r}, before -> after | see paper "
@@ -297,6 +344,15 @@ def report(args, rels, skipped, facts, n_per, intra, inter, supp, upd, era, wall
         lines.append(
             f"| | accuracy / PPL on the other relations, before -> after | see paper "
             f"| {100 * e['acc_other'][0]:.0f}% -> {100 * e['acc_other'][1]:.0f}% / {e['ppl_other'][0]:.2f} -> {e['ppl_other'][1]:.2f} |")
+    lines += ["", "Per relation (facts located; updates: change / success rate with knowledge vs random neurons):", "",
+              "| relation | facts | neurons per fact | updates | change kn / rnd | success kn / rnd |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in rels:
+        us = [u for u in upd if u["relation"] == r]
+        m = lambda who, k: 100 * mean(u[who][k] for u in us)
+        lines.append(f"| {r} | {len(facts[r])} | {mean(len(l.neurons) for l in located[r]):.2f} | {len(us)} | "
+                     + (f"{m('kn', 'change'):.0f}% / {m('rnd', 'change'):.0f}% | {m('kn', 'success'):.0f}% / {m('rnd', 'success'):.0f}% |"
+                        if us else "- | - |"))
     lines += ["", f"mean neurons per update after the shared-neuron filter: {mean(u['neurons'] for u in upd):.2f}",
               f"wall time: {wall:.0f} s (this invocation; cached stages are not re-run)"]
     return "\n".join(lines)

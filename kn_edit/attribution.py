@@ -95,7 +95,7 @@ def fast(model, prompt: Prompt, target: int, steps: int = 20, dtype: torch.dtype
     """Same numbers as `reference` (fp32), with layers joining the batch at their own layer.
 
     Layers are taken in contiguous groups small enough for memory (`max_rows` row-blocks, or a
-    budget from free memory); each group starts from the clean hidden states of its first layer.
+    budget from free memory); each group starts from the clean output of its first layer.
     Parameters are frozen during the call (no weight-gradient bookkeeping) and restored after.
     bf16/fp16 run on a cached low-precision copy of the weights, under autocast."""
     run = low_precision(model, dtype)
