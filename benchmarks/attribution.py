@@ -33,14 +33,19 @@ FACTS = [  # (subject, target): real facts SmolLM2 knows; for the random models 
     ("Germany", "Berlin"),
     ("Ireland", "Dublin"),
 ]
-TEMPLATES = ["The capital of [X] is [Y].", "[X]'s capital city is [Y].", "[X] has its capital in [Y]."]
+TEMPLATES = {  # short: PARAREL-like, 5-8 tokens; long: 15-20 tokens, where the causal prefix cache pays more
+    "short": ["The capital of [X] is [Y].", "[X]'s capital city is [Y].", "[X] has its capital in [Y]."],
+    "long": ["According to the atlas that every school in the region uses, the capital of [X] is [Y].",
+             "Travel guides and encyclopedias written over many years all agree that [X]'s capital city is [Y].",
+             "After a long history of wars, treaties and changing borders, [X] has its capital in [Y]."],
+}
 MODELS = ["gpt2-small", "smollm2", "bert-base"]
 ROWS = ["reference", "fast-fp32", "fast-bf16", "package"]
 THRESHOLD, SHARE = 0.2, 0.5
 
 
-def prompts(n_facts):
-    return [(t.replace("[X]", s), y, i) for i, (s, y) in enumerate(FACTS[:n_facts]) for t in TEMPLATES]
+def prompts(n_facts, kind="short"):
+    return [(t.replace("[X]", s), y, i) for i, (s, y) in enumerate(FACTS[:n_facts]) for t in TEMPLATES[kind]]
 
 
 # ---------------------------------------------------------------- model folders (parent)
@@ -58,7 +63,7 @@ def build_models(root: Path, which):
         # bert-base-cased: 12 layers, hidden 768, intermediate 3072, 12 heads, vocab 28996
         config = BertConfig(vocab_size=28996)
         BertForMaskedLM(config).eval().save_pretrained(d)
-        words = sorted({w for text, y, _ in prompts(len(FACTS)) for w in _words(text.replace("[Y]", y))})
+        words = sorted({w for kind in TEMPLATES for text, y, _ in prompts(len(FACTS), kind) for w in _words(text.replace("[Y]", y))})
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         vocab = special + words + [f"[unused{i}]" for i in range(config.vocab_size - len(special) - len(words))]
         (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -97,7 +102,7 @@ def worker(a):
     auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
     model = auto.from_pretrained(a.dir, dtype=torch.float32).to(a.device).eval()
     tok = AutoTokenizer.from_pretrained(a.dir)
-    items = prompts(a.facts)
+    items = prompts(a.facts, a.templates)
     run, ids = (_package if a.row == "package" else _ours)(a, model, tok, causal, items)
     loaded = _peak(a.device)
     run(0, steps=2)  # warm-up, not timed
@@ -225,7 +230,7 @@ def jaccard(a, b):
 
 
 def table(results, args, n_facts):
-    fact_of = [g for _, _, g in prompts(n_facts)]
+    fact_of = [g for _, _, g in prompts(n_facts, args.templates)]
     lines = []
     for m, rows in results.items():
         ok = {r: v for r, v in rows.items() if "seconds" in v}
@@ -274,6 +279,7 @@ def main():
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--facts", type=int, default=2, help="facts (3 prompts each)")
+    p.add_argument("--templates", default="short", choices=sorted(TEMPLATES), help="prompt set")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -300,7 +306,7 @@ def main():
                     continue
                 py = a.kn_python if r == "package" else sys.executable
                 js = Path(tmp) / f"{m}-{r}.json"
-                cmd = [py, str(HERE), "--worker", r, "--dir", str(dirs[m]), "--json", str(js), "--facts", str(a.facts),
+                cmd = [py, str(HERE), "--worker", r, "--dir", str(dirs[m]), "--json", str(js), "--facts", str(a.facts), "--templates", a.templates,
                        "--steps", str(a.steps), "--threads", str(a.threads), "--device", a.device]
                 env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]) if r != "package" else "")
                 t = time.time()
@@ -320,7 +326,7 @@ def write(out, results, a, total):
     device = next((v["device"] for rs in results.values() for v in rs.values() if "device" in v), a.device)
     cmd = " ".join(sys.argv[1:]).replace(a.kn_python or "\0", "PY")
     head = (f"# Attribution benchmark ({device}, {a.threads} threads, m = {a.steps} steps, {3 * a.facts} prompts per model, "
-            f"threshold {THRESHOLD}, share {SHARE})\n\nCommand: `python benchmarks/attribution.py {cmd}`; "
+            f"{a.templates} prompts, threshold {THRESHOLD}, share {SHARE})\n\nCommand: `python benchmarks/attribution.py {cmd}`; "
             f"total {total:.0f} s.\n")
     text = head + "\n" + table(results, a, a.facts)
     out.parent.mkdir(parents=True, exist_ok=True)
