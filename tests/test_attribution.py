@@ -141,3 +141,18 @@ def test_bf16_close_and_copy_follows_edits():
     assert bf16[2].abs().max() > 0 and after[2].abs().max() == 0  # no gradient through a zero W2
     low = attribution.low_precision(model, torch.bfloat16)
     assert low is not model and float(arch.value_slots(low, 2).detach().abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_predict_many_equals_predict(kind):
+    """Right-padded batches (verify.predict_many) give each prompt's own answer distribution."""
+    from kn_edit import verify
+
+    model = tiny(kind, "sdpa")
+    causal = arch.ARCHS[kind].causal
+    ps = []
+    for n in (4, 7, 5):
+        ids = torch.randint(3, 50, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        ps.append(Prompt("x", tuple(ids), n - 1 if causal else 2))
+    for one, many in zip((verify.predict(model, p) for p in ps), verify.predict_many(model, ps, batch=2)):
+        torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-6)
