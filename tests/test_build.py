@@ -54,9 +54,7 @@ def test_update_succeeds_far_above_random_neurons_and_stays_local(built):
     kind, model_dir, world, folder, report = built
     causal = kind != "bert"
     success = [e["success_rate"] for e in report["edits"]]
-    # the tiny models are trained here, and BLAS differs between CPUs: measured 1.0 on one CPU and
-    # 0.625 on another (two edits land on the new target in 1 of 4 prompts after all four are written)
-    assert sum(success) / len(success) >= 0.5, success
+    assert sum(success) / len(success) >= 0.75, success
 
     # the same edits written to random neurons of the same layers, same count, same rule
     src = models.resolve(model_dir)
