@@ -251,14 +251,15 @@ def main(argv=None):
                 with edits.restored(model, ns):
                     edits.update(model, ns, f.tid, new_id, "authors", 1.0, 8.0)
                     out[name] = measure()
-            # kn-edit's default on gated MLPs: sign-aware plain rule, the smallest scale of the grid
-            # that works on the first half of the fact's prompts (chosen with the knowledge neurons
-            # and reused for the random ones), each slot's change capped at its norm
-            rule = edits.resolve(method, True)
+            # kn-edit's default for this architecture; on gated MLPs such as SmolLM2's: sign-aware plain
+            # rule, the smallest scale of the grid that works on the first half of the fact's prompts
+            # (chosen with the knowledge neurons and reused for the random ones), each slot's change
+            # capped at its norm
+            rule = edits.resolve(method, arch.arch_of(model).gated)
             acts = sum(attribution.clean_activations(model, p)[0] for p in f.prompts) / len(f.prompts)
-            signs = {n: float(acts[n]) for n in set(kn) | set(rnd)}
+            signs = {n: float(acts[n]) for n in set(kn) | set(rnd)} if rule.sign_aware else None
             grid = edits.grid(method.scale_min, method.scale_max, method.scale_factor)
-            scale = None
+            scale = None if rule.search else 1.0
             for name, ns in (("kn_default", kn), ("rnd_default", rnd)):
                 ds = edits.deltas(model, ns, f.tid, new_id, rule.rule, rule.lambda1, rule.lambda2, signs)
                 with edits.restored(model, ns):

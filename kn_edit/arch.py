@@ -100,11 +100,6 @@ def head_input(model, h: torch.Tensor) -> torch.Tensor:
     return model.model.norm(h)
 
 
-def head(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits from the last block's output at the answer position(s): [..., hidden] -> [..., vocab]."""
-    return model.get_output_embeddings()(head_input(model, h))
-
-
 @contextlib.contextmanager
 def ffn_taps(model, pos: int, store: dict):
     """Record per layer l: store[l]["out"], the block's output [batch, seq, hidden], and
@@ -128,8 +123,8 @@ def ffn_taps(model, pos: int, store: dict):
     finally:
         for h in hooks:
             h.remove()
-        for rec in store.values():
-            rec["residual"] = (rec.pop("sum") if a.post_norm else rec["out"][:, pos]) - rec.pop("y")
+    for rec in store.values():
+        rec["residual"] = (rec.pop("sum") if a.post_norm else rec["out"][:, pos]) - rec.pop("y")
 
 
 def ffn_output(model, layer: int, residual: torch.Tensor, act: torch.Tensor) -> torch.Tensor:

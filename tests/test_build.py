@@ -163,7 +163,8 @@ def test_failed_build_keeps_existing_checkpoint(built, monkeypatch):
 
 def test_erase_relation(bert_dir, world, write_spec, tmp_path):
     facts = [{"subject": s, "target": o} for s, o in world.facts["maker"]]
-    # neurons shared by >= 2 of the relation's 24 located facts (the paper's 5 is for thousands of facts)
+    # neurons shared by >= 2 of the relation's 24 located facts (the paper's 5 is for thousands of facts;
+    # at >= 3 the float64-trained tiny BERT keeps its answers: too few neurons are shared by 3)
     spec = {"model": str(bert_dir), "method": {"erase_min_facts": 2},
             "edits": [{"erase": {"relation": "maker", "templates": list(world.templates("maker")), "facts": facts}}]}
     report = run(prepare(write_spec(spec)), tmp_path / "out")
