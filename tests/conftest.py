@@ -11,14 +11,22 @@ import synth  # noqa: E402
 PARAREL = Path(os.environ.get("KN_EDIT_PARAREL", Path(__file__).resolve().parents[2] / "shared" / "pararel"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory):
+    """kn-edit's caches (neurons, GGUF conversions) in a folder of this test run, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KN_EDIT_CACHE", str(tmp_path_factory.mktemp("kn_edit_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory):
-    return synth.train("bert", tmp_path_factory.mktemp("bert"))
+    return synth.stored("bert", tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
-    return synth.train("llama", tmp_path_factory.mktemp("llama"))
+    return synth.stored("llama", tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="session")

