@@ -16,6 +16,7 @@ use k/m: its neuron sets are not expected to equal ours exactly.
 This file must import nothing but the standard library at the top: the package row runs
 it under an environment without kn_edit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,11 @@ FACTS = [  # (subject, target): real facts SmolLM2 knows; for the random models 
 ]
 TEMPLATES = {  # short: PARAREL-like, 5-8 tokens; long: 15-20 tokens, where the causal prefix cache pays more
     "short": ["The capital of [X] is [Y].", "[X]'s capital city is [Y].", "[X] has its capital in [Y]."],
-    "long": ["According to the atlas that every school in the region uses, the capital of [X] is [Y].",
-             "Travel guides and encyclopedias written over many years all agree that [X]'s capital city is [Y].",
-             "After a long history of wars, treaties and changing borders, [X] has its capital in [Y]."],
+    "long": [
+        "According to the atlas that every school in the region uses, the capital of [X] is [Y].",
+        "Travel guides and encyclopedias written over many years all agree that [X]'s capital city is [Y].",
+        "After a long history of wars, treaties and changing borders, [X] has its capital in [Y].",
+    ],
 }
 MODELS = ["gpt2-small", "smollm2", "bert-base"]
 ROWS = ["reference", "fast-fp32", "fast-bf16", "package"]
@@ -63,7 +66,9 @@ def build_models(root: Path, which):
         # bert-base-cased: 12 layers, hidden 768, intermediate 3072, 12 heads, vocab 28996
         config = BertConfig(vocab_size=28996)
         BertForMaskedLM(config).eval().save_pretrained(d)
-        words = sorted({w for kind in TEMPLATES for text, y, _ in prompts(len(FACTS), kind) for w in _words(text.replace("[Y]", y))})
+        words = sorted(
+            {w for kind in TEMPLATES for text, y, _ in prompts(len(FACTS), kind) for w in _words(text.replace("[Y]", y))}
+        )
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         vocab = special + words + [f"[unused{i}]" for i in range(config.vocab_size - len(special) - len(words))]
         (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -118,11 +123,20 @@ def worker(a):
     _sync(a.device)
     secs = time.perf_counter() - t
     flops = _count_flops(lambda: [run(k, steps=a.steps) for k in range(len(items))])
-    Path(a.json).write_text(json.dumps({
-        "seconds": secs, "n": len(items), "coarse": out, "ids": ids, "gflop": flops / 1e9,
-        "peak_mb": _peak(a.device), "loaded_mb": loaded,
-        "device": torch.cuda.get_device_name() if a.device == "cuda" else _cpu_name(),
-    }))
+    Path(a.json).write_text(
+        json.dumps(
+            {
+                "seconds": secs,
+                "n": len(items),
+                "coarse": out,
+                "ids": ids,
+                "gflop": flops / 1e9,
+                "peak_mb": _peak(a.device),
+                "loaded_mb": loaded,
+                "device": torch.cuda.get_device_name() if a.device == "cuda" else _cpu_name(),
+            }
+        )
+    )
 
 
 def _count_flops(fn) -> float:
@@ -151,7 +165,7 @@ def _ours(a, model, tok, causal, items):
     import torch
 
     from kn_edit import attribution
-    from kn_edit.prompts import encode, target_id
+    from kn_edit.plan.prompts import encode, target_id
 
     enc = [encode(tok, text, causal) for text, _, _ in items]
     tgt = [target_id(tok, p, y, causal) for p, (_, y, _) in zip(enc, items)]
@@ -162,8 +176,10 @@ def _ours(a, model, tok, causal, items):
         def run(k, steps):
             return attribution.reference(model, enc[k], tgt[k], steps)
     else:
+
         def run(k, steps):
             return attribution.fast(model, enc[k], tgt[k], steps, dtype=dtype)
+
     return run, [[list(p.ids), p.pos, t] for p, t in zip(enc, tgt)]
 
 
@@ -183,6 +199,7 @@ def _package(a, model, tok, causal, items):
 
     def run(k, steps):
         return kn.get_scores(texts[k], truths[k], batch_size=steps, steps=steps, pbar=False)
+
     return run, ids
 
 
@@ -234,9 +251,13 @@ def table(results, args, n_facts):
     lines = []
     for m, rows in results.items():
         ok = {r: v for r, v in rows.items() if "seconds" in v}
-        lines += [f"### {m}", "", "| row | prompts/s | s/prompt | x reference | x package | x fast-fp32 | GFLOP/prompt | GFLOP/s |"
-                  " peak MB | model loaded MB | coarse Jaccard vs reference | refined Jaccard vs reference | vs fast-fp32 | vs package |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {m}",
+            "",
+            "| row | prompts/s | s/prompt | x reference | x package | x fast-fp32 | GFLOP/prompt | GFLOP/s |"
+            " peak MB | model loaded MB | coarse Jaccard vs reference | refined Jaccard vs reference | vs fast-fp32 | vs package |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         speed = {r: v["n"] / v["seconds"] for r, v in ok.items()}
         ref = {r: refined(v["coarse"], fact_of) for r, v in ok.items()}
 
@@ -262,15 +283,23 @@ def table(results, args, n_facts):
             lines.append(
                 f"| {r} | {speed[r]:.3f} | {1 / speed[r]:.2f} | {ratio(r, 'reference')} | {ratio(r, 'package')} | "
                 f"{ratio(r, 'fast-fp32')} | {v['gflop'] / v['n']:.1f} | {v['gflop'] / v['seconds']:.0f} | {v['peak_mb']:.0f} | {v['loaded_mb']:.0f} | {jac(r, 'reference', 'coarse')} | "
-                f"{jac(r, 'reference')} | {jac(r, 'fast-fp32')} | {jac(r, 'package')} |")
+                f"{jac(r, 'reference')} | {jac(r, 'fast-fp32')} | {jac(r, 'package')} |"
+            )
         same_ids = {json.dumps(v["ids"]) for v in ok.values()}
         sizes = {r: sum(len(s) for s in ref[r].values()) / len(ref[r]) for r in ok}
         work = {r: v["gflop"] for r, v in ok.items()}
         if "reference" in work and "fast-fp32" in work:
-            lines += ["", f"Work ratio reference / fast-fp32: {work['reference'] / work['fast-fp32']:.2f}x fewer FLOPs "
-                      f"(the speed-up a device running both at the same FLOP rate would show)."]
-        lines += ["", f"Same token ids and targets in every row: {'yes' if len(same_ids) <= 1 else 'NO'}. "
-                  f"Mean refined neurons per fact: " + ", ".join(f"{r} {n:.1f}" for r, n in sizes.items()) + ".", ""]
+            lines += [
+                "",
+                f"Work ratio reference / fast-fp32: {work['reference'] / work['fast-fp32']:.2f}x fewer FLOPs "
+                f"(the speed-up a device running both at the same FLOP rate would show).",
+            ]
+        lines += [
+            "",
+            f"Same token ids and targets in every row: {'yes' if len(same_ids) <= 1 else 'NO'}. "
+            f"Mean refined neurons per fact: " + ", ".join(f"{r} {n:.1f}" for r, n in sizes.items()) + ".",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -302,12 +331,32 @@ def main():
             results[m] = {}
             for r in rows:
                 if r == "package" and (m == "smollm2" or not a.kn_python):
-                    results[m][r] = {"skipped": "the package supports BERT and GPT-2 only" if m == "smollm2" else "no --kn-python"}
+                    results[m][r] = {
+                        "skipped": "the package supports BERT and GPT-2 only" if m == "smollm2" else "no --kn-python"
+                    }
                     continue
                 py = a.kn_python if r == "package" else sys.executable
                 js = Path(tmp) / f"{m}-{r}.json"
-                cmd = [py, str(HERE), "--worker", r, "--dir", str(dirs[m]), "--json", str(js), "--facts", str(a.facts), "--templates", a.templates,
-                       "--steps", str(a.steps), "--threads", str(a.threads), "--device", a.device]
+                cmd = [
+                    py,
+                    str(HERE),
+                    "--worker",
+                    r,
+                    "--dir",
+                    str(dirs[m]),
+                    "--json",
+                    str(js),
+                    "--facts",
+                    str(a.facts),
+                    "--templates",
+                    a.templates,
+                    "--steps",
+                    str(a.steps),
+                    "--threads",
+                    str(a.threads),
+                    "--device",
+                    a.device,
+                ]
                 env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]) if r != "package" else "")
                 t = time.time()
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -316,8 +365,11 @@ def main():
                     print(proc.stderr[-3000:], file=sys.stderr)
                 else:
                     results[m][r] = json.loads(js.read_text())
-                print(f"{m:11s} {r:10s} {time.time() - t:6.1f} s wall", {k: v for k, v in results[m][r].items()
-                      if k in ("seconds", "peak_mb", "skipped")}, flush=True)
+                print(
+                    f"{m:11s} {r:10s} {time.time() - t:6.1f} s wall",
+                    {k: v for k, v in results[m][r].items() if k in ("seconds", "peak_mb", "skipped")},
+                    flush=True,
+                )
                 text = write(out, results, a, time.time() - start)  # after every row: partial runs keep results
     print(text)
 
@@ -325,9 +377,11 @@ def main():
 def write(out, results, a, total):
     device = next((v["device"] for rs in results.values() for v in rs.values() if "device" in v), a.device)
     cmd = " ".join(sys.argv[1:]).replace(a.kn_python or "\0", "PY")
-    head = (f"# Attribution benchmark ({device}, {a.threads} threads, m = {a.steps} steps, {3 * a.facts} prompts per model, "
-            f"{a.templates} prompts, threshold {THRESHOLD}, share {SHARE})\n\nCommand: `python benchmarks/attribution.py {cmd}`; "
-            f"total {total:.0f} s.\n")
+    head = (
+        f"# Attribution benchmark ({device}, {a.threads} threads, m = {a.steps} steps, {3 * a.facts} prompts per model, "
+        f"{a.templates} prompts, threshold {THRESHOLD}, share {SHARE})\n\nCommand: `python benchmarks/attribution.py {cmd}`; "
+        f"total {total:.0f} s.\n"
+    )
     text = head + "\n" + table(results, a, a.facts)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -10,6 +10,7 @@ Located neurons are cached (--cache), so a rerun only redoes the edits.
 
     python benchmarks/gated_edits.py --pararel PATH [--cache DIR] [--out benchmarks/results/gated-edits.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,14 @@ from pathlib import Path
 
 import torch
 
-from kn_edit import arch, edits, models
-from kn_edit.attribution import clean_activations
-from kn_edit.locate import locate
-from kn_edit.neurons import choose_share, finish
-from kn_edit.prompts import causal_ok, encode, target_id
+from kn_edit.apply import rules as edits
+from kn_edit.locate.attribution import clean_activations
+from kn_edit.locate.neurons import choose_share, finish
+from kn_edit.locate.stage import locate_fact
+from kn_edit.model import arch
+from kn_edit.model import load as models
+from kn_edit.plan.batch import Fact
+from kn_edit.plan.prompts import causal_ok, encode, target_id
 from kn_edit.spec import Method
 
 FACTS = {  # relation -> (subject, object): facts SmolLM2-135M-Instruct answers on most usable prompts
@@ -35,7 +39,7 @@ FACTS = {  # relation -> (subject, object): facts SmolLM2-135M-Instruct answers 
 STEPS = 8  # integrated-gradient steps for locating (the paper: 20); fewer to fit a shared 2-core CPU
 PER_SIDE = 3  # at most this many locate and held-out prompts per fact
 
-GRID = edits.grid(0.5, 64.0, 2 ** 0.5)
+GRID = edits.grid(0.5, 64.0, 2**0.5)
 
 # name -> options; "search": smallest working scale of GRID on the locate prompts
 VARIANTS = {
@@ -72,8 +76,11 @@ def located_facts(model, tok, pararel, cache: Path, method):
             ps = prompts_of(tok, pararel, rel, s)
             tid = target_id(tok, ps[0], o, True)
             new = pairs[(k + 1) % len(pairs)][1] if len(pairs) > 1 else None
-            facts.append(dict(rel=rel, subject=s, target=o, tid=tid, new=new, prompts=ps,
-                              loc=ps[0::2][:PER_SIDE], held=ps[1::2][:PER_SIDE]))
+            facts.append(
+                dict(
+                    rel=rel, subject=s, target=o, tid=tid, new=new, prompts=ps, loc=ps[0::2][:PER_SIDE], held=ps[1::2][:PER_SIDE]
+                )
+            )
     for f in facts:
         f["new_id"] = target_id(tok, f["prompts"][0], f["new"], True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -83,8 +90,13 @@ def located_facts(model, tok, pararel, cache: Path, method):
             f.update(torch.load(path))
             continue
         t = time.time()
-        L = locate(model, f["subject"], f["target"], f["loc"], f["tid"], method)
-        finish([L], choose_share([L], method.share, method.share_step, *method.target_neurons, method.adaptive_share))
+        L = locate_fact(model, Fact(f["subject"], f["target"], f["tid"], f["loc"]), method.locate)
+        finish(
+            [L],
+            choose_share(
+                [L], method.refine.share, method.refine.share_step, *method.refine.target_neurons, method.refine.adaptive_share
+            ),
+        )
         acts = torch.stack([clean_activations(model, p)[0] for p in f["loc"]]).mean(0)
         d = dict(neurons=L.neurons, score={n: L.score[n] for n in L.neurons}, acts=acts, secs=time.time() - t)
         torch.save(d, path)
@@ -141,7 +153,7 @@ def evaluate(model, f, facts, before):
     other = [p for g in facts if g["rel"] != f["rel"] for p in g["prompts"][:2]]
     held = f["held"]
     after = top1(model, held + nb + other)
-    a_h, a_n, a_o = after[: len(held)], after[len(held): len(held) + len(nb)], after[len(held) + len(nb):]
+    a_h, a_n, a_o = after[: len(held)], after[len(held) : len(held) + len(nb)], after[len(held) + len(nb) :]
     return dict(
         success=[x == f["new_id"] for x in a_h],
         change=[x != before[p] for x, p in zip(a_h, held)],
@@ -197,10 +209,16 @@ def main():
                     fails += not ok
         pct = lambda xs: f"{100 * sum(xs) / max(len(xs), 1):.0f}%"
         sc = sorted(scales)
-        row = dict(name=name, neurons=sum(counts) / len(counts), success=pct(agg["success"]), change=pct(agg["change"]),
-                   nb=pct(agg["nb"]), other=pct(agg["other"]),
-                   control=f"{pct(agg['r_success'])} / {pct(agg['r_change'])} / {pct(agg['r_nb'])} / {pct(agg['r_other'])}",
-                   scale=f"median {sc[len(sc) // 2]:g}, {fails} not reached" if opt.get("search") else "fixed")
+        row = dict(
+            name=name,
+            neurons=sum(counts) / len(counts),
+            success=pct(agg["success"]),
+            change=pct(agg["change"]),
+            nb=pct(agg["nb"]),
+            other=pct(agg["other"]),
+            control=f"{pct(agg['r_success'])} / {pct(agg['r_change'])} / {pct(agg['r_nb'])} / {pct(agg['r_other'])}",
+            scale=f"median {sc[len(sc) // 2]:g}, {fails} not reached" if opt.get("search") else "fixed",
+        )
         rows.append(row)
         print(row, flush=True)
     total = time.time() - t0
@@ -208,11 +226,16 @@ def main():
         "| variant | neurons / fact | success | change | neighbours keep top-1 | other relations keep top-1 | random control (success / change / neighbours / other) | scale |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['name']} | {r['neurons']:.1f} | {r['success']} | {r['change']} | {r['nb']} | {r['other']} | {r['control']} | {r['scale']} |" for r in rows]
+    lines += [
+        f"| {r['name']} | {r['neurons']:.1f} | {r['success']} | {r['change']} | {r['nb']} | {r['other']} | {r['control']} | {r['scale']} |"
+        for r in rows
+    ]
     n_held = sum(len(f["held"]) for f in facts)
-    head = (f"SmolLM2-135M-Instruct, {len(facts)} facts of {len(FACTS)} relations, {n_held} held-out prompts "
-            f"(locate on {sum(len(f['loc']) for f in facts)}). Scale grid {GRID[0]:g}..{GRID[-1]:g} x sqrt(2). "
-            f"Run: {total:.0f} s, of which locating (or loading the cache) {t_loc:.0f} s; 2-core CPU, shared, noisy.\n\n")
+    head = (
+        f"SmolLM2-135M-Instruct, {len(facts)} facts of {len(FACTS)} relations, {n_held} held-out prompts "
+        f"(locate on {sum(len(f['loc']) for f in facts)}). Scale grid {GRID[0]:g}..{GRID[-1]:g} x sqrt(2). "
+        f"Run: {total:.0f} s, of which locating (or loading the cache) {t_loc:.0f} s; 2-core CPU, shared, noisy.\n\n"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(head + "\n".join(lines) + "\n")
     print(head + "\n".join(lines))

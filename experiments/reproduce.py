@@ -10,6 +10,7 @@ and the wall time.
 
     python experiments/reproduce.py --pararel DIR --relations P36,P1376,P178 --facts 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kn_edit import attribution, edits, models, pararel  # noqa: E402
-from kn_edit.locate import locate  # noqa: E402
-from kn_edit.neurons import Located, choose_share, finish, shared_by  # noqa: E402
-from kn_edit.prompts import encode, target_id  # noqa: E402
+from kn_edit.apply import rules as edits  # noqa: E402
+from kn_edit.apply.choose import resolve  # noqa: E402
+from kn_edit.locate import attribution  # noqa: E402
+from kn_edit.locate.neurons import Located, choose_share, finish, shared_by  # noqa: E402
+from kn_edit.locate.stage import locate_fact  # noqa: E402
+from kn_edit.measure.predict import predict, predict_many  # noqa: E402
+from kn_edit.model import load as models
+from kn_edit.plan import pararel  # noqa: E402
+from kn_edit.plan.batch import Fact as PlanFact  # noqa: E402
+from kn_edit.plan.prompts import encode, target_id  # noqa: E402
 from kn_edit.spec import Method  # noqa: E402
-from kn_edit.verify import predict, predict_many  # noqa: E402
 
 
 class Cache:
@@ -82,6 +88,7 @@ def scaled(model, neurons, pos, factor):
             x = x.clone()
             x[:, pos, idx] = x[:, pos, idx] * factor
             return x
+
         return f
 
     with contextlib.ExitStack() as stack:
@@ -137,8 +144,12 @@ def main(argv=None):
     ap.add_argument("--erase-min-facts", type=int, default=2, help="erase neurons shared by >= this many located facts")
     ap.add_argument("--erase-facts", type=int, default=0, help="known facts to locate in the erased relations (default: --facts)")
     ap.add_argument("--updates", type=int, default=0, help="update the first this many relations (default: all)")
-    ap.add_argument("--inter-sample", type=int, default=0,
-                    help="inter-relation perplexity over the first this many facts of each other relation (default: all)")
+    ap.add_argument(
+        "--inter-sample",
+        type=int,
+        default=0,
+        help="inter-relation perplexity over the first this many facts of each other relation (default: all)",
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -152,7 +163,7 @@ def main(argv=None):
     tok = models.load_tokenizer(src)
     model, _ = models.load_model(src)
     model.requires_grad_(False)
-    from kn_edit import arch
+    from kn_edit.model import arch
 
     shape = arch.shape(model)
     rels = args.relations.split(",")
@@ -179,13 +190,25 @@ def main(argv=None):
         locs = []
         for f in facts[r]:
             d = cache.get(("located", r, f.subject, f.target, str(args.steps)), lambda f=f: _located(model, f, method))
-            locs.append(Located(d["subject"], d["target"], d["prompts"], [[tuple(n) for n in c] for c in d["coarse"]],
-                                activation={tuple(k): v for k, v in d["activation"]}))
-        share = choose_share(locs, method.share, method.share_step, *method.target_neurons, method.adaptive_share)
+            locs.append(
+                Located(
+                    d["subject"],
+                    d["target"],
+                    d["prompts"],
+                    [[tuple(n) for n in c] for c in d["coarse"]],
+                    activation={tuple(k): v for k, v in d["activation"]},
+                )
+            )
+        share = choose_share(
+            locs, method.refine.share, method.refine.share_step, *method.refine.target_neurons, method.refine.adaptive_share
+        )
         finish(locs, share)
         located[r] = locs
-        print(f"{r}: {len(use.templates)} templates, {len(use.facts)} usable facts of {min(args.scan, len(fact_pairs(args.pararel, r)))}, "
-              f"known {len(known)}, share {share}, {time.time() - t0:.0f}s", flush=True)
+        print(
+            f"{r}: {len(use.templates)} templates, {len(use.facts)} usable facts of {min(args.scan, len(fact_pairs(args.pararel, r)))}, "
+            f"known {len(known)}, share {share}, {time.time() - t0:.0f}s",
+            flush=True,
+        )
 
     all_facts = [(r, f, loc) for r in rels for f, loc in zip(facts[r], located[r])]
 
@@ -197,6 +220,7 @@ def main(argv=None):
     # suppression / amplification
     supp = {"kn0": [], "kn2": [], "rnd0": [], "rnd2": []}
     for r, f, loc in all_facts:
+
         def run(f=f, loc=loc):
             rnd = random_neurons(shape, len(loc.neurons), f"{args.seed}:{r}:{f.subject}")
             base = p_gold(model, f)
@@ -209,6 +233,7 @@ def main(argv=None):
                             ps.append((float(predict(model, p)[f.tid]) - b) / b)
                     out[f"{name}{k}"] = mean(ps)
             return out
+
         res = cache.get(("suppress", r, f.subject, str(args.seed), str(loc.neurons)), run)
         for k, v in res.items():
             supp[k].append(v)
@@ -218,14 +243,22 @@ def main(argv=None):
     upd = []
     updated = rels[: args.updates or len(rels)]
     for r, f, loc in [x for x in all_facts if x[0] in updated and facts[x[0]].index(x[1]) < args.facts]:
+
         def run(r=r, f=f, loc=loc):
             rng = random.Random(f"{args.seed}:{r}:{f.subject}:new")
-            objects = sorted({o for _, o in pararel.usable(tok, True, pararel.templates(args.pararel, r),
-                                                            fact_pairs(args.pararel, r)[: args.scan]).facts} - {f.target})
+            objects = sorted(
+                {
+                    o
+                    for _, o in pararel.usable(
+                        tok, True, pararel.templates(args.pararel, r), fact_pairs(args.pararel, r)[: args.scan]
+                    ).facts
+                }
+                - {f.target}
+            )
             new = rng.choice(objects)
             new_id = target_id(tok, f.prompts[0], new, True)
             others = [x for x in located[r] if x is not loc]
-            limit = method.relation_filter * len(others)
+            limit = method.update.relation_filter * len(others)
             kn = [n for n in loc.neurons if not (others and sum(n in o.neurons for o in others) > limit)]
             rnd = random_neurons(shape, max(len(kn), 1), f"{args.seed}:{r}:{f.subject}:upd")
             i = facts[r].index(f)
@@ -255,22 +288,23 @@ def main(argv=None):
             # rule, the smallest scale of the grid that works on the first half of the fact's prompts
             # (chosen with the knowledge neurons and reused for the random ones), each slot's change
             # capped at its norm
-            rule = edits.resolve(method, arch.arch_of(model).gated)
+            rule = resolve(method.update, arch.arch_of(model).gated)
             acts = sum(attribution.clean_activations(model, p)[0] for p in f.prompts) / len(f.prompts)
             signs = {n: float(acts[n]) for n in set(kn) | set(rnd)} if rule.sign_aware else None
-            grid = edits.grid(method.scale_min, method.scale_max, method.scale_factor)
+            grid = edits.grid(method.update.scale_min, method.update.scale_max, method.update.scale_factor)
             scale = None if rule.search else 1.0
             for name, ns in (("kn_default", kn), ("rnd_default", rnd)):
                 ds = edits.deltas(model, ns, f.tid, new_id, rule.rule, rule.lambda1, rule.lambda2, signs)
                 with edits.restored(model, ns):
                     if scale is None:
                         half = f.prompts[: max(1, len(f.prompts) // 2)]
-                        scale = edits.search_scale(model, ds, half, new_id, grid, method.scale_need, rule.cap).scale
+                        scale = edits.search_scale(model, ds, half, new_id, grid, method.update.scale_need, rule.cap).scale
                     else:
                         edits.write(model, ds, scale, rule.cap)
                     out[name] = measure()
             out["scale"] = scale
             return out
+
         upd.append(cache.get(("update", r, f.subject, str(args.seed), str(loc.neurons)), run) | {"relation": r})
         print(f"update {r} {f.subject}: {time.time() - t0:.0f}s", flush=True)
 
@@ -279,6 +313,7 @@ def main(argv=None):
     value = "unk" if unk is not None else "zero"
     era = []
     for r in rels[: args.erase]:
+
         def run(r=r):
             ns = shared_by(located[r], args.erase_min_facts)
             others = [x for q in rels if q != r for x in facts[q]]
@@ -286,9 +321,15 @@ def main(argv=None):
             with edits.restored(model, ns):
                 edits.erase(model, ns, value, unk)
                 after_r, after_o = evaluate(model, facts[r]), evaluate(model, others)
-            return {"neurons": len(ns), "value": value,
-                    "acc": [acc(before_r, facts[r]), acc(after_r, facts[r])], "ppl": [ppl(before_r), ppl(after_r)],
-                    "acc_other": [acc(before_o, others), acc(after_o, others)], "ppl_other": [ppl(before_o), ppl(after_o)]}
+            return {
+                "neurons": len(ns),
+                "value": value,
+                "acc": [acc(before_r, facts[r]), acc(after_r, facts[r])],
+                "ppl": [ppl(before_r), ppl(after_r)],
+                "acc_other": [acc(before_o, others), acc(after_o, others)],
+                "ppl_other": [ppl(before_o), ppl(after_o)],
+            }
+
         era.append((r, cache.get(("erase", r, str(args.erase_min_facts), str([l.neurons for l in located[r]])), run)))
 
     wall = time.time() - t0
@@ -296,9 +337,14 @@ def main(argv=None):
 
 
 def _located(model, f, method):
-    loc = locate(model, f.subject, f.target, f.prompts, f.tid, method)
-    return {"subject": loc.subject, "target": loc.target, "prompts": loc.prompts, "coarse": loc.coarse,
-            "activation": [[list(k), v] for k, v in loc.activation.items()]}
+    loc = locate_fact(model, PlanFact(f.subject, f.target, f.tid, f.prompts), method.locate)
+    return {
+        "subject": loc.subject,
+        "target": loc.target,
+        "prompts": loc.prompts,
+        "coarse": loc.coarse,
+        "activation": [[list(k), v] for k, v in loc.activation.items()],
+    }
 
 
 def pct(x):
@@ -341,21 +387,35 @@ def report(args, rels, skipped, facts, located, n_per, intra, inter, supp, upd, 
     for r, e in era:
         lines.append(
             f"| erasing {r} ({e['neurons']} neurons, {e['value']}) | accuracy / PPL on {r}, before -> after | see paper "
-            f"| {100 * e['acc'][0]:.0f}% -> {100 * e['acc'][1]:.0f}% / {e['ppl'][0]:.2f} -> {e['ppl'][1]:.2f} |")
+            f"| {100 * e['acc'][0]:.0f}% -> {100 * e['acc'][1]:.0f}% / {e['ppl'][0]:.2f} -> {e['ppl'][1]:.2f} |"
+        )
         lines.append(
             f"| | accuracy / PPL on the other relations, before -> after | see paper "
-            f"| {100 * e['acc_other'][0]:.0f}% -> {100 * e['acc_other'][1]:.0f}% / {e['ppl_other'][0]:.2f} -> {e['ppl_other'][1]:.2f} |")
-    lines += ["", "Per relation (facts located; updates: change / success rate with knowledge vs random neurons):", "",
-              "| relation | facts | neurons per fact | updates | change kn / rnd | success kn / rnd |",
-              "| --- | --- | --- | --- | --- | --- |"]
+            f"| {100 * e['acc_other'][0]:.0f}% -> {100 * e['acc_other'][1]:.0f}% / {e['ppl_other'][0]:.2f} -> {e['ppl_other'][1]:.2f} |"
+        )
+    lines += [
+        "",
+        "Per relation (facts located; updates: change / success rate with knowledge vs random neurons):",
+        "",
+        "| relation | facts | neurons per fact | updates | change kn / rnd | success kn / rnd |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rels:
         us = [u for u in upd if u["relation"] == r]
         m = lambda who, k: 100 * mean(u[who][k] for u in us)
-        lines.append(f"| {r} | {len(facts[r])} | {mean(len(l.neurons) for l in located[r]):.2f} | {len(us)} | "
-                     + (f"{m('kn', 'change'):.0f}% / {m('rnd', 'change'):.0f}% | {m('kn', 'success'):.0f}% / {m('rnd', 'success'):.0f}% |"
-                        if us else "- | - |"))
-    lines += ["", f"mean neurons per update after the shared-neuron filter: {mean(u['neurons'] for u in upd):.2f}",
-              f"wall time: {wall:.0f} s (this invocation; cached stages are not re-run)"]
+        lines.append(
+            f"| {r} | {len(facts[r])} | {mean(len(l.neurons) for l in located[r]):.2f} | {len(us)} | "
+            + (
+                f"{m('kn', 'change'):.0f}% / {m('rnd', 'change'):.0f}% | {m('kn', 'success'):.0f}% / {m('rnd', 'success'):.0f}% |"
+                if us
+                else "- | - |"
+            )
+        )
+    lines += [
+        "",
+        f"mean neurons per update after the shared-neuron filter: {mean(u['neurons'] for u in upd):.2f}",
+        f"wall time: {wall:.0f} s (this invocation; cached stages are not re-run)",
+    ]
     return "\n".join(lines)
 
 

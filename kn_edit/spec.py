@@ -1,22 +1,23 @@
-"""The edit spec: a YAML file kept in git. Schema, defaults (the paper's), and precise errors."""
+"""The edit spec: a YAML file kept in git. Schema, defaults (the paper's), and precise errors.
+
+`method` is nested by step (locate / refine / update / erase); the flat form of earlier versions
+(`method: {steps: 20, update_rule: plain, erase_min_facts: 5}`) is still read. Gates are a typed
+list (`verify.gates: ["success_rate >= 0.3"]`); the older `verify.success_rate: ">= 0.3"` is read too.
+"""
+
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import re
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import SpecError
 
-class SpecError(ValueError):
-    """Bad input. Each line names the file, the field path and what was expected."""
-
-    def __init__(self, file, problems: list[tuple[str, str]]):
-        self.file = str(file)
-        self.problems = problems
-        super().__init__("\n".join(f"{self.file}: {loc}: {msg}" if loc else f"{self.file}: {msg}" for loc, msg in problems))
+__all__ = ["Spec", "Method", "Update", "Erase", "EditSpec", "FactRef", "Gate", "Verify", "SpecError", "load", "parse"]
 
 
 class _Strict(BaseModel):
@@ -24,20 +25,51 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    name: str = Field(description="Hub id, local model folder, .gguf file, or pypi:PACKAGE (a GGUF file inside an installed package)")
+    name: str = Field(
+        description="Hub id, local model folder, .gguf file, or pypi:PACKAGE (a GGUF file inside an installed package)"
+    )
     revision: str | None = Field(None, description="Hub branch, tag or commit")
 
 
-class Method(_Strict):
+# ---- method, one section per step ---------------------------------------------------------
+
+
+class Locate(_Strict):
+    """Integrated gradients and the per-prompt (coarse) neuron sets. Everything here decides the
+    located neurons, so the neuron cache is keyed by this section."""
+
     steps: int = Field(20, ge=1, le=1000, description="Riemann steps m of integrated gradients (alpha = k/m, k = 0..m-1)")
-    threshold: float = Field(0.2, gt=0, le=1, description="per prompt, keep neurons scoring >= threshold x the prompt's max score")
+    threshold: float = Field(
+        0.2, gt=0, le=1, description="per prompt, keep neurons scoring >= threshold x the prompt's max score"
+    )
+    engine: Literal["fast", "reference"] = Field("fast", description="attribution engine; both give the same numbers")
+
+
+class Refine(_Strict):
+    """From per-prompt sets to a fact's neurons."""
+
     share: float = Field(0.7, gt=0, le=1, description="keep neurons found in >= share of a fact's prompts")
-    adaptive_share: bool = Field(True, description="move share by share_step until the mean neurons per fact lies in target_neurons")
+    adaptive_share: bool = Field(
+        True, description="move share by share_step until the mean neurons per fact lies in target_neurons"
+    )
     share_step: float = Field(0.05, gt=0, le=0.5)
     target_neurons: tuple[int, int] = Field((2, 5), description="[min, max] mean neurons per fact for the adaptive share")
-    update_rule: Literal["auto", "authors", "plain"] = Field(
-        "auto", description="authors: v -= l1*|v|/|e_t| e_t, v += l2*|v|/|e_t'| e_t'; plain: v -= l1*e_t, v += l2*e_t'; "
-        "auto: plain on gated MLPs (signed activations), authors elsewhere"
+
+    @model_validator(mode="after")
+    def _range(self):
+        lo, hi = self.target_neurons
+        if not 0 < lo <= hi:
+            raise ValueError(f"target_neurons must be [min, max] with 0 < min <= max, got {list(self.target_neurons)}")
+        return self
+
+
+class UpdateMethod(_Strict):
+    """How an update writes its neurons' value slots."""
+
+    rule: Literal["auto", "authors", "plain"] = Field(
+        "auto",
+        description="authors: v -= l1*|v|/|e_t| e_t, v += l2*|v|/|e_t'| e_t'; plain: v -= l1*e_t, v += l2*e_t'; "
+        "auto: plain on gated MLPs (signed activations), authors elsewhere",
     )
     sign_aware: bool | Literal["auto"] = Field(
         "auto", description="flip the update direction of neurons whose activation on the fact is negative; auto: on gated MLPs"
@@ -45,33 +77,89 @@ class Method(_Strict):
     lambda1: float | None = Field(None, ge=0, description="scale of the old target's removal (default 1)")
     lambda2: float | None = Field(None, ge=0, description="scale of the new target's addition (default: authors 8, plain 1)")
     scale: Literal["auto", "search", "fixed"] = Field(
-        "auto", description="search: multiply the update by the smallest scale of a geometric grid at which the edit "
-        "succeeds on the fact's prompts; fixed: scale 1; auto: search on gated MLPs, fixed elsewhere"
+        "auto",
+        description="search: multiply the update by the smallest scale of a geometric grid at which the edit "
+        "succeeds on the fact's prompts; fixed: scale 1; auto: search on gated MLPs, fixed elsewhere",
     )
-    scale_min: float = Field(0.25, gt=0, description="search: first scale of the grid")
-    scale_max: float = Field(64.0, gt=0, description="search: last scale of the grid, written when none succeeds")
-    scale_factor: float = Field(1.41421356, gt=1, description="search: ratio of consecutive scales")
+    scale_min: float = Field(0.25, gt=0, allow_inf_nan=False, description="search: first scale of the grid")
+    scale_max: float = Field(
+        64.0, gt=0, allow_inf_nan=False, description="search: last scale of the grid, written when none succeeds"
+    )
+    scale_factor: float = Field(1.41421356, gt=1, allow_inf_nan=False, description="search: ratio of consecutive scales")
     scale_need: float = Field(1.0, gt=0, le=1, description="search: share of the fact's prompts that must answer new_target")
     norm_cap: float | Literal["auto"] | None = Field(
-        "auto", description="limit each slot's change to norm_cap x its norm; auto: 1 on gated MLPs, none elsewhere")
-    relation_filter: float = Field(
-        0.1, ge=0, le=1, description="update: leave out neurons shared by more than this share of the given relation_facts"
+        "auto", description="limit each slot's change to norm_cap x its norm; auto: 1 on gated MLPs, none elsewhere"
     )
-    erase_min_facts: int = Field(5, ge=1, description="erase: neurons shared by >= this many of the relation's facts")
-    erase_value: Literal["unk", "zero"] = Field("unk", description="erase: the value slot becomes the [UNK] embedding or zero")
-    engine: Literal["fast", "reference"] = Field("fast", description="attribution engine; both give the same numbers")
+    relation_filter: float = Field(
+        0.1, ge=0, le=1, description="leave out neurons shared by more than this share of the given relation_facts"
+    )
 
     @model_validator(mode="after")
     def _range(self):
-        lo, hi = self.target_neurons
-        if not 0 < lo <= hi:
-            raise ValueError(f"target_neurons must be [min, max] with 0 < min <= max, got {list(self.target_neurons)}")
         if self.scale_min > self.scale_max:
             raise ValueError(f"scale_min ({self.scale_min}) must not exceed scale_max ({self.scale_max})")
         return self
 
 
-class Fact(_Strict):
+class EraseMethod(_Strict):
+    min_facts: int = Field(5, ge=1, description="neurons shared by >= this many of the relation's facts")
+    value: Literal["unk", "zero"] = Field("unk", description="the value slot becomes the [UNK] embedding or zero")
+
+
+# flat key of earlier versions -> (section, key)
+FLAT = {
+    "steps": ("locate", "steps"),
+    "threshold": ("locate", "threshold"),
+    "engine": ("locate", "engine"),
+    "share": ("refine", "share"),
+    "adaptive_share": ("refine", "adaptive_share"),
+    "share_step": ("refine", "share_step"),
+    "target_neurons": ("refine", "target_neurons"),
+    "update_rule": ("update", "rule"),
+    "sign_aware": ("update", "sign_aware"),
+    "lambda1": ("update", "lambda1"),
+    "lambda2": ("update", "lambda2"),
+    "scale": ("update", "scale"),
+    "scale_min": ("update", "scale_min"),
+    "scale_max": ("update", "scale_max"),
+    "scale_factor": ("update", "scale_factor"),
+    "scale_need": ("update", "scale_need"),
+    "norm_cap": ("update", "norm_cap"),
+    "relation_filter": ("update", "relation_filter"),
+    "erase_min_facts": ("erase", "min_facts"),
+    "erase_value": ("erase", "value"),
+}
+
+
+class Method(_Strict):
+    locate: Locate = Field(default_factory=Locate)
+    refine: Refine = Field(default_factory=Refine)
+    update: UpdateMethod = Field(default_factory=UpdateMethod)
+    erase: EraseMethod = Field(default_factory=EraseMethod)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, data):
+        """The flat form: `steps: 8` is `locate: {steps: 8}`."""
+        if not isinstance(data, dict) or not any(k in FLAT for k in data):
+            return data
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k not in FLAT}
+        for k, v in data.items():
+            if k in FLAT:
+                section, key = FLAT[k]
+                part = out.setdefault(section, {})
+                if not isinstance(part, dict):
+                    continue  # the section's own error is reported
+                if key in part:
+                    raise ValueError(f"@{k}: given twice, here and as {section}.{key}")
+                part[key] = v
+        return out
+
+
+# ---- edits -----------------------------------------------------------------------------
+
+
+class FactRef(_Strict):
     subject: str = Field(min_length=1)
     target: str = Field(min_length=1)
 
@@ -91,12 +179,18 @@ def _check_templates(templates: list[str] | None, needs_x: bool) -> list[str]:
 class Update(_Strict):
     subject: str | None = Field(None, description="fills [X] in the templates")
     relation: str = Field("", description="relation label, e.g. P36 (informative)")
-    target: str | None = Field(None, min_length=1, description="the answer the model gives now (t); with source: pararel, taken from the data")
+    target: str | None = Field(
+        None, min_length=1, description="the answer the model gives now (t); with source: pararel, taken from the data"
+    )
     new_target: str = Field(min_length=1, description="the answer it should give (t')")
     templates: list[str] | None = Field(None, min_length=1, description="prompts with [X] and [Y]")
     prompts: list[str] | None = Field(None, min_length=1, description="prompts with the subject filled in and [Y]")
-    relation_facts: list[Fact] = Field(default_factory=list, description="other facts of the relation, for the shared-neuron filter")
-    source: Literal["pararel"] | None = Field(None, description="pararel: templates (and the target) come from the PARAREL directory")
+    relation_facts: list[FactRef] = Field(
+        default_factory=list, description="other facts of the relation, for the shared-neuron filter"
+    )
+    source: Literal["pararel"] | None = Field(
+        None, description="pararel: templates (and the target) come from the PARAREL directory"
+    )
 
     @model_validator(mode="after")
     def _prompts(self):
@@ -132,16 +226,19 @@ class Update(_Strict):
 class Erase(_Strict):
     relation: str = Field(min_length=1, description="relation label, e.g. P36")
     templates: list[str] | None = Field(None, min_length=1, description="prompts with [X] and [Y]")
-    facts: list[Fact] | int | None = Field(
-        None, description="the relation's facts: subject and target; with source: pararel, at most this many from the data")
+    facts: list[FactRef] | int | None = Field(
+        None, description="the relation's facts: subject and target; with source: pararel, at most this many from the data"
+    )
     source: Literal["pararel"] | None = Field(None, description="pararel: templates and facts come from the PARAREL directory")
 
     @model_validator(mode="after")
     def _templates(self):
         if self.source == "pararel":
             if self.templates is not None or not (self.facts is None or isinstance(self.facts, int)):
-                raise ValueError("with source: pararel the templates and facts come from the data; "
-                                 "leave out templates, and give facts only as a number (at most this many)")
+                raise ValueError(
+                    "with source: pararel the templates and facts come from the data; "
+                    "leave out templates, and give facts only as a number (at most this many)"
+                )
             if isinstance(self.facts, int) and self.facts < 1:
                 raise ValueError("facts must be at least 1")
             return self
@@ -155,7 +252,7 @@ class Erase(_Strict):
         return self
 
 
-class Edit(_Strict):
+class EditSpec(_Strict):
     update: Update | None = None
     erase: Erase | None = None
 
@@ -169,13 +266,21 @@ class Edit(_Strict):
     def kind(self) -> str:
         return "update" if self.update is not None else "erase"
 
+    @property
+    def body(self) -> Update | Erase:
+        return self.update if self.update is not None else self.erase
+
 
 class Hub(_Strict):
-    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repository the build pushes to (owner/name); --push-to-hub wins")
+    repo: str = Field(
+        pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repository the build pushes to (owner/name); --push-to-hub wins"
+    )
     private: bool = Field(False, description="create the repository private")
 
 
-# Aggregate metrics a gate may test (kn_edit/metrics.py computes them; docs/report.md defines them).
+# ---- verification and gates ---------------------------------------------------------------
+
+# Aggregate metrics a gate may test (kn_edit/measure/metrics.py computes them; docs/report.md defines them).
 GATE_METRICS = {
     "change_rate": "update: share of the edited facts' prompts whose top-1 changed",
     "success_rate": "update: share of the edited facts' prompts whose top-1 is the new target",
@@ -194,27 +299,38 @@ GATE_METRICS = {
     "amplification": "relative change of p(gold) when the facts' neurons are doubled (base model)",
     "consistency": "mean pairwise overlap (Jaccard) of the coarse neuron sets of a fact's prompts",
 }
-GATE = re.compile(r"^\s*(>=|<=|==|>|<)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+Metric = Literal[tuple(GATE_METRICS)]  # type: ignore[valid-type]
+Op = Literal[">=", "<=", ">", "<", "=="]
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_OP_NUMBER = re.compile(rf"^\s*(>=|<=|==|>|<)\s*({_NUMBER})\s*$")
+_GATE = re.compile(rf"^\s*(\w+)\s*(>=|<=|==|>|<)\s*({_NUMBER})\s*$")
 
 
-def parse_gate(text: str) -> tuple[str, float]:
-    m = GATE.match(text)
-    if not m:
-        raise ValueError(f"expected a gate: an operator (>=, <=, >, <, ==) and a number, e.g. \">= 0.3\"; got {text!r}")
-    return m.group(1), float(m.group(2))
+class Gate(_Strict):
+    """A check on an aggregate metric, e.g. `success_rate >= 0.3`; the build fails when it does not hold."""
 
+    metric: Metric = Field(description="an aggregate metric (kn-edit schema lists them)")
+    op: Op
+    threshold: float = Field(allow_inf_nan=False)
 
-def _gate(text) -> str:
-    if not isinstance(text, str):
-        raise ValueError(f"expected a gate as a quoted string: an operator and a number, e.g. \"<= 0.1\"; got {text!r}")
-    parse_gate(text)
-    return text
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data):
+        if isinstance(data, str):
+            m = _GATE.match(data)
+            if not m:
+                raise ValueError(f'expected a gate: METRIC OP NUMBER, e.g. "success_rate >= 0.3"; got {data!r}')
+            return {"metric": m.group(1), "op": m.group(2), "threshold": float(m.group(3))}
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.threshold:g}"
 
 
 class FactGroup(_Strict):
     relation: str = Field(min_length=1, description="relation label, e.g. P36")
     templates: list[str] = Field(min_length=1, description="prompts with [X] and [Y]")
-    facts: list[Fact] = Field(min_length=1, description="subject and target of each fact")
+    facts: list[FactRef] = Field(min_length=1, description="subject and target of each fact")
 
     @model_validator(mode="after")
     def _templates(self):
@@ -224,22 +340,48 @@ class FactGroup(_Strict):
         return self
 
 
-class _VerifySettings(_Strict):
+class Verify(_Strict):
     neighbours: int = Field(5, ge=0, description="facts of the same relation (intra) and of other relations (inter) per edit")
-    held_out: int = Field(0, ge=0, description="update: the last N prompts of the edited fact are not used to locate (generalization)")
+    held_out: int = Field(
+        0, ge=0, description="update: the last N prompts of the edited fact are not used to locate (generalization)"
+    )
     control_draws: int = Field(1, ge=0, le=100, description="random-neuron control draws per edit (0: no control)")
     facts: list[FactGroup] = Field(default_factory=list, description="extra facts used only as neighbours")
+    gates: list[Gate] = Field(default_factory=list, description='CI gates, e.g. ["success_rate >= 0.3"]')
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metric_keys(cls, data):
+        """The older form `success_rate: ">= 0.3"` (one key per metric) becomes a gate."""
+        data, problems = legacy_gates(data)
+        if problems:
+            raise ValueError(f"@{problems[0][0]}: {problems[0][1]}")
+        return data
 
 
-Gate = Annotated[str, BeforeValidator(_gate)]
-Verify = create_model(
-    "Verify", __base__=_VerifySettings,
-    **{name: (Gate | None, Field(None, description=f"gate, e.g. \">= 0.3\": {what}")) for name, what in GATE_METRICS.items()},
-)
-
-
-def gates_of(v) -> dict[str, str]:
-    return {name: getattr(v, name) for name in GATE_METRICS if getattr(v, name) is not None}
+def legacy_gates(data) -> tuple[object, list[tuple[str, str]]]:
+    """verify data with `metric: ">= x"` keys turned into `gates`, and (key, message) for each bad one."""
+    if not isinstance(data, dict) or not any(k in GATE_METRICS for k in data):
+        return data, []
+    gates, problems = [], []
+    for name in GATE_METRICS:
+        if name not in data:
+            continue
+        text = data[name]
+        m = _OP_NUMBER.match(text) if isinstance(text, str) else None
+        if not m:
+            problems.append(
+                (
+                    name,
+                    "expected a gate as a quoted string: an operator (>=, <=, >, <, ==) and a number, "
+                    f'e.g. ">= 0.3"; got {text!r}',
+                )
+            )
+            continue
+        gates.append({"metric": name, "op": m.group(1), "threshold": float(m.group(2))})
+    rest = {k: v for k, v in data.items() if k not in GATE_METRICS}
+    listed = rest.get("gates") or []
+    return {**rest, "gates": gates + (list(listed) if isinstance(listed, list) else [listed])}, problems
 
 
 class Spec(_Strict):
@@ -248,7 +390,7 @@ class Spec(_Strict):
     pararel: str | None = Field(None, description="PARAREL directory for source: pararel edits (relative to the spec file)")
     seed: int = Field(0, description="seeds everything random (controls); same spec + model + seed = same bytes")
     method: Method = Field(default_factory=Method)
-    edits: list[Edit] = Field(min_length=1)
+    edits: list[EditSpec] = Field(min_length=1)
     verify: Verify = Field(default_factory=Verify, description="metrics settings and CI gates")
 
     @model_validator(mode="before")
@@ -258,8 +400,15 @@ class Spec(_Strict):
             data = {**data, "model": {"name": data["model"]}}
         return data
 
+    @classmethod
+    def from_yaml(cls, path) -> Spec:
+        return load(path)[0]
+
+
+# ---- reading, with errors that name the field as the user wrote it ---------------------------
 
 FIELD_MSG = re.compile(r"^@(\w+): (.*)$", re.S)
+_NOISE = ("list[FactRef]", "int", "str")
 
 
 def _loc(loc: tuple) -> str:
@@ -269,36 +418,65 @@ def _loc(loc: tuple) -> str:
     return out
 
 
+def _as_written(loc: tuple, data) -> tuple:
+    """method.locate.steps -> method.steps where the spec used the flat form."""
+    if len(loc) >= 3 and loc[0] == "method" and isinstance(data, dict) and isinstance(data.get("method"), dict):
+        for flat, (section, key) in FLAT.items():
+            if loc[1:3] == (section, key) and flat in data["method"]:
+                return ("method", flat, *loc[3:])
+    return loc
+
+
 def parse(data, file="<spec>") -> Spec:
+    problems = []
+    if isinstance(data, dict) and isinstance(data.get("verify"), dict):
+        # the older gate keys: every bad one reported, beside the schema's own errors
+        verify, bad = legacy_gates(data["verify"])
+        data = {**data, "verify": verify}
+        problems += [(f"verify.{k}", msg) for k, msg in bad]
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as e:
-        problems = []
         for err in e.errors():
-            # drop pydantic's union/validator noise from the path
             # erase.facts is a list or (source: pararel) a number: report only the branch the input took
             if "int" in err["loc"] and isinstance(err.get("input"), list):
                 continue
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("list[Fact]", "int"))))
+            if "str" in err["loc"] and isinstance(err.get("input"), dict):
+                continue
+            # drop pydantic's union/validator noise from the path
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in _NOISE)))
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             elif err["type"] == "missing":
                 msg = "required field is missing"
-            # a model validator names its field as "field: message" (its own location is the parent)
+            # a model validator names its field as "@field: message" (its own location is the parent)
             if m := FIELD_MSG.match(msg):
                 loc, msg = loc + (m.group(1),), m.group(2)
-            problems.append((_loc(loc), msg))
-        raise SpecError(file, problems) from None
+            problems.append((_loc(_as_written(loc, data)), msg))
+    if problems:
+        raise SpecError(file, problems)
+    return spec
+
+
+MAX_BYTES = 1 << 20  # a spec is a hand-written file; a bigger one is a mistake (and YAML parsing is slow)
 
 
 def load(path) -> tuple[Spec, str]:
     """The spec and its verbatim text."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_BYTES:
+            raise SpecError(path, [("", f"{path.stat().st_size} bytes: larger than the {MAX_BYTES} a spec may have")])
+        raw = path.read_bytes()
     except OSError as e:
         raise SpecError(path, [("", f"cannot read: {e.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            path, [("", f"not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r}); save the spec as UTF-8")]
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -311,4 +489,9 @@ def load(path) -> tuple[Spec, str]:
 
 
 def json_schema() -> str:
-    return json.dumps(Spec.model_json_schema(), indent=2)
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "urn:kn-edit:schema:spec",
+        **Spec.model_json_schema(),
+    }
+    return json.dumps(schema, indent=2)

@@ -48,5 +48,25 @@ def update_edit(world, relation, k, new_target=None):
     """An update edit of the k-th fact of `relation` to another object of the relation."""
     s, o = world.facts[relation][k]
     new = new_target or next(x for x in world.objects(relation) if x != o)
-    return {"update": {"relation": relation, "subject": s, "target": o, "new_target": new,
-                       "templates": list(world.templates(relation))}}
+    return {
+        "update": {
+            "relation": relation,
+            "subject": s,
+            "target": o,
+            "new_target": new,
+            "templates": list(world.templates(relation)),
+        }
+    }
+
+
+def build(spec_path, out, cache=None, **options):
+    """A build through the Python API, as the CLI runs it (on the CPU; no neuron cache unless
+    given); returns the report as written to the checkpoint (JSON)."""
+    import json
+
+    from kn_edit import BuildOptions
+    from kn_edit import build as api_build
+
+    opts = BuildOptions(device="cpu", cache=cache, no_cache=cache is None, **options)
+    api_build(spec_path, out, opts)
+    return json.loads((Path(out) / "kn_edit_report.json").read_text())

@@ -6,6 +6,7 @@ branch, and read back (revision info, tree, resolve with HEAD/GET and the header
 needs). It does not speak Xet: uploads need HF_HUB_DISABLE_XET, and downloads fall back to plain
 HTTP because no X-Xet-Hash header is sent. Failures can be injected per route (`fail`).
 """
+
 from __future__ import annotations
 
 import base64
@@ -50,7 +51,9 @@ class State:
 
     def commit(self, repo: Repo, parent: str | None, files: dict, message: str) -> str:
         self.counter += 1
-        sha = hashlib.sha1(json.dumps([parent, sorted((p, git_oid(d)) for p, d in files.items()), message, self.counter]).encode()).hexdigest()
+        sha = hashlib.sha1(
+            json.dumps([parent, sorted((p, git_oid(d)) for p, d in files.items()), message, self.counter]).encode()
+        ).hexdigest()
         repo.commits[sha] = {"parent": parent, "files": files, "message": message}
         return sha
 
@@ -158,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method):
         url = urlsplit(self.path)
         body = self._body() if method in ("POST", "PUT") else b""
-        for m, pattern, route in ROUTES:
+        for m, pattern, route in ROUTES:  # noqa: B007 (route is read after the loop)
             match = re.fullmatch(pattern, url.path)
             if m == method and match:
                 break
@@ -174,20 +177,29 @@ class _Handler(BaseHTTPRequestHandler):
                     raise HubError(status, f"test hub: injected failure on {route}")
                 self._auth(route, match)
                 params = {k: v[0] for k, v in parse_qs(url.query).items()}
-                status, out, headers = getattr(self, route)(**{k: unquote(v) for k, v in match.groupdict().items() if v is not None},
-                                                            body=body, params=params)
+                status, out, headers = getattr(self, route)(
+                    **{k: unquote(v) for k, v in match.groupdict().items() if v is not None}, body=body, params=params
+                )
             except HubError as e:
-                status, out, headers = e.status, {"error": e.message, **e.extra}, {**e.headers, **({"X-Error-Code": e.code} if e.code else {})}
+                status, out, headers = (
+                    e.status,
+                    {"error": e.message, **e.extra},
+                    {**e.headers, **({"X-Error-Code": e.code} if e.code else {})},
+                )
         self._send(status, out, headers, head=method == "HEAD")
 
     # --- helpers
     def _auth(self, route, match):
         given = self.headers.get("Authorization")
         if given is not None and given != f"Bearer {self.state.token}":
-            raise HubError(401, "Invalid credentials in Authorization header", headers={"X-Error-Message": "Invalid credentials in Authorization header"})
+            raise HubError(
+                401,
+                "Invalid credentials in Authorization header",
+                headers={"X-Error-Message": "Invalid credentials in Authorization header"},
+            )
         if route in WRITES and given is None:
             raise HubError(401, "You must be authenticated to access this endpoint")
-        repo = (match.groupdict().get("repo") if match else None)
+        repo = match.groupdict().get("repo") if match else None
         if repo in self.state.repos and self.state.repos[repo].private and given is None:
             raise HubError(401, "Repository not found", "RepoNotFound")
 
@@ -243,8 +255,19 @@ class _Handler(BaseHTTPRequestHandler):
             import yaml
 
             meta = yaml.safe_load(readme.split("---", 2)[1]) or {}
-        return 200, {"id": repo, "modelId": repo, "sha": sha, "private": r.private, "cardData": meta,
-                     "tags": meta.get("tags", []), "siblings": [{"rfilename": p} for p in sorted(r.commits[sha]["files"])]}, {}
+        return (
+            200,
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": sha,
+                "private": r.private,
+                "cardData": meta,
+                "tags": meta.get("tags", []),
+                "siblings": [{"rfilename": p} for p in sorted(r.commits[sha]["files"])],
+            },
+            {},
+        )
 
     def tree(self, repo, rev, body, params, path=""):
         r = self._repo(repo)
@@ -254,9 +277,13 @@ class _Handler(BaseHTTPRequestHandler):
         if path and not files:
             raise HubError(404, f"{path} does not exist", "EntryNotFound")
         if params.get("recursive") not in ("True", "true", "1"):
-            dirs = sorted({prefix + p[len(prefix):].split("/")[0] for p in files if "/" in p[len(prefix):]})
-            return 200, [self._entry(r, sha, p) for p in files if "/" not in p[len(prefix):]] + \
-                [{"type": "directory", "path": d, "oid": git_oid(d.encode()), "size": 0} for d in dirs], {}
+            dirs = sorted({prefix + p[len(prefix) :].split("/")[0] for p in files if "/" in p[len(prefix) :]})
+            return (
+                200,
+                [self._entry(r, sha, p) for p in files if "/" not in p[len(prefix) :]]
+                + [{"type": "directory", "path": d, "oid": git_oid(d.encode()), "size": 0} for d in dirs],
+                {},
+            )
         return 200, [self._entry(r, sha, p) for p in files], {}
 
     def xet_token(self, repo, rev, body, params):
@@ -283,8 +310,10 @@ class _Handler(BaseHTTPRequestHandler):
             entry = {"oid": o["oid"], "size": o["size"]}
             if o["oid"] not in self.state.lfs:
                 entry["authenticated"] = True
-                entry["actions"] = {"upload": {"href": f"{self.base}/_lfs/{o['oid']}"},
-                                    "verify": {"href": f"{self.base}/_lfs/{o['oid']}/verify"}}
+                entry["actions"] = {
+                    "upload": {"href": f"{self.base}/_lfs/{o['oid']}"},
+                    "verify": {"href": f"{self.base}/_lfs/{o['oid']}/verify"},
+                }
             objects.append(entry)
         return 200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"}
 

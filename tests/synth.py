@@ -9,13 +9,14 @@ whether the editing tests pass. So the tests use the models trained once and sto
 (`python tests/synth.py` retrains them, on one thread with ATEN_CPU_CAPABILITY=default), and check their
 digests first: a changed model fails as "test model changed", never as a quality threshold.
 """
+
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 import hashlib
+import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +29,28 @@ DIGESTS = {
 }
 
 RELATIONS = {
-    "capital": (["the capital of [X] is [Y] .", "[X] has its capital at [Y] .", "the capital city of [X] is [Y] .", "in [X] the seat of government is [Y] ."], "city"),
-    "language": (["people in [X] speak [Y] .", "the language of [X] is [Y] .", "in [X] they talk in [Y] .", "the official tongue of [X] is [Y] ."], "lang"),
-    "maker": (["[X] is made by [Y] .", "[X] is produced by [Y] .", "the maker of [X] is [Y] .", "[X] comes from the company [Y] ."], "corp"),
+    "capital": (
+        [
+            "the capital of [X] is [Y] .",
+            "[X] has its capital at [Y] .",
+            "the capital city of [X] is [Y] .",
+            "in [X] the seat of government is [Y] .",
+        ],
+        "city",
+    ),
+    "language": (
+        [
+            "people in [X] speak [Y] .",
+            "the language of [X] is [Y] .",
+            "in [X] they talk in [Y] .",
+            "the official tongue of [X] is [Y] .",
+        ],
+        "lang",
+    ),
+    "maker": (
+        ["[X] is made by [Y] .", "[X] is produced by [Y] .", "the maker of [X] is [Y] .", "[X] comes from the company [Y] ."],
+        "corp",
+    ),
 }
 N_SUBJECTS = 24
 N_OBJECTS = 8
@@ -89,9 +109,17 @@ def model_for(kind: str, vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     if kind == "bert":
-        cfg = BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=256, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0, pad_token_id=0)
+        cfg = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
+        )
         model = BertForMaskedLM(cfg)
         # Keep the MLM head's transform at identity, so the residual stream is read out in
         # word-embedding space as the update rule assumes (real BERT is close to this; a model
@@ -102,9 +130,19 @@ def model_for(kind: str, vocab_size: int, seed: int = 0):
             dense.bias.zero_()
         dense.requires_grad_(False)
         return model
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=256, max_position_embeddings=32,
-                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -120,7 +158,7 @@ def train(kind: str, folder: Path, seed: int = 0, steps: int = 600) -> Path:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
+    for _step in range(steps):
         batch = [data[i] for i in torch.randint(len(data), (64,), generator=g).tolist()]
         enc = tok([s for s, _ in batch], return_tensors="pt", padding=True)
         ids = enc.input_ids
@@ -158,8 +196,10 @@ def stored(kind: str, folder: Path) -> Path:
     """A copy of the stored trained `kind` model in folder, after checking its digest."""
     got = digest(STORED / kind)
     if got != DIGESTS[kind]:
-        raise ModelChanged(f"test model changed: tests/models/{kind}/model.safetensors has sha256 {got}, "
-                           f"expected {DIGESTS[kind]}; retrained? update DIGESTS in tests/synth.py on purpose")
+        raise ModelChanged(
+            f"test model changed: tests/models/{kind}/model.safetensors has sha256 {got}, "
+            f"expected {DIGESTS[kind]}; retrained? update DIGESTS in tests/synth.py on purpose"
+        )
     folder = Path(folder)
     shutil.copytree(STORED / kind, folder, dirs_exist_ok=True)
     return folder

@@ -1,12 +1,14 @@
 """The fast engine against the reference engine and against a plain per-step loop of the
 paper's formula, on tiny random models of every architecture family arch.py supports."""
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from kn_edit import arch, attribution
-from kn_edit.neurons import coarse
-from kn_edit.prompts import Prompt
+from kn_edit.locate import attribution
+from kn_edit.locate.neurons import coarse
+from kn_edit.model import arch
+from kn_edit.plan.prompts import Prompt
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, vocab_size=50)
 CONFIGS = {
@@ -21,7 +23,7 @@ def tiny(kind, attn="eager"):
     torch.manual_seed(0)
     cfg = dict(CONFIGS[kind])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    auto = AutoModelForCausalLM if arch.ARCHS[kind].causal else AutoModelForMaskedLM
+    auto = AutoModelForCausalLM if arch.for_type(kind).causal else AutoModelForMaskedLM
     model = auto.from_config(config, attn_implementation=attn).eval()
     # random init gives a nearly flat output; sharpen it so p(target) has real gradients
     with torch.no_grad():
@@ -32,7 +34,7 @@ def tiny(kind, attn="eager"):
 def prompt(kind, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 50, (7,), generator=g).tolist()
-    pos = 6 if arch.ARCHS[kind].causal else 3
+    pos = 6 if arch.for_type(kind).causal else 3
     return Prompt("x", tuple(ids), pos)
 
 
@@ -146,10 +148,10 @@ def test_bf16_close_and_copy_follows_edits():
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_predict_many_equals_predict(kind):
     """Right-padded batches (verify.predict_many) give each prompt's own answer distribution."""
-    from kn_edit import verify
+    from kn_edit.measure import predict as verify
 
     model = tiny(kind, "sdpa")
-    causal = arch.ARCHS[kind].causal
+    causal = arch.for_type(kind).causal
     ps = []
     for n in (4, 7, 5):
         ids = torch.randint(3, 50, (n,), generator=torch.Generator().manual_seed(n)).tolist()

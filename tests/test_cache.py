@@ -1,4 +1,5 @@
 """Neuron cache and sharded location: resumable, shared, and byte-identical to a plain build."""
+
 import json
 import logging
 import os
@@ -6,12 +7,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import build as conftest_build
 from conftest import update_edit
 
-from kn_edit import attribution, cache as cachemod
-from kn_edit.build import prepare, run
 from kn_edit.cli import main
-from kn_edit.distribute import ShardError, locate_shard, parse_shard
+from kn_edit.errors import ShardError
+from kn_edit.locate import attribution
+from kn_edit.locate import cache as cachemod
+from kn_edit.locate.shards import locate_shard, parse_shard
+from kn_edit.plan.batch import prepare
 
 STEPS = 4
 
@@ -21,10 +25,19 @@ def spec_data(world, llama_dir, **method):
     language[0:4]: 14 facts in the edits, 10 distinct ones (4 prompts each)."""
     upd = update_edit(world, "capital", 0)
     upd["update"]["relation_facts"] = [{"subject": s, "target": o} for s, o in world.facts["capital"][1:4]]
-    erase = lambda rel, k: {"erase": {"relation": rel, "templates": list(world.templates(rel)),
-                                      "facts": [{"subject": s, "target": o} for s, o in world.facts[rel][:k]]}}
-    return {"model": str(llama_dir), "seed": 0, "method": {"steps": STEPS, "erase_min_facts": 2, **method},
-            "edits": [upd, erase("capital", 6), erase("language", 4)]}
+    erase = lambda rel, k: {
+        "erase": {
+            "relation": rel,
+            "templates": list(world.templates(rel)),
+            "facts": [{"subject": s, "target": o} for s, o in world.facts[rel][:k]],
+        }
+    }
+    return {
+        "model": str(llama_dir),
+        "seed": 0,
+        "method": {"steps": STEPS, "erase_min_facts": 2, **method},
+        "edits": [upd, erase("capital", 6), erase("language", 4)],
+    }
 
 
 FACTS, PROMPTS = 10, 4  # distinct facts, prompts per fact
@@ -45,7 +58,7 @@ def calls(monkeypatch):
 
 
 def build(spec_path, out, cache=None):
-    run(prepare(spec_path), out, cache=cache)
+    conftest_build(spec_path, out, cache=cache)
     return (out / "model.safetensors").read_bytes(), (out / "neurons.json").read_text()
 
 
@@ -123,7 +136,7 @@ def test_interrupted_run_resumes(world, llama_dir, write_spec, tmp_path, calls, 
 
     monkeypatch.setattr(attribution, "scores", dies)
     with pytest.raises(KeyboardInterrupt):
-        run(prepare(spec), tmp_path / "out", cache=cache_dir)
+        build(spec, tmp_path / "out", cache=cache_dir)
     assert not (tmp_path / "out").exists()
     assert len(entries(cache_dir)) == 2
     assert not list(cache_dir.glob("*/.*.tmp"))
@@ -137,8 +150,8 @@ def test_interrupted_run_resumes(world, llama_dir, write_spec, tmp_path, calls, 
 
 def test_key_covers_model_prompts_and_dtype(world, llama_dir, write_spec):
     prep = prepare(write_spec(spec_data(world, llama_dir)))
-    method = prep.spec.method
-    f, g = prep.plans[0].facts[:2]
+    method = prep.spec.method.locate
+    f, g = prep.edits[0].facts[:2]
     a = cachemod.Cache("x", {"kind": "folder", "sha256": {"model.safetensors": "0" * 64}})
     b = cachemod.Cache("x", {"kind": "folder", "sha256": {"model.safetensors": "1" * 64}})
     assert a.key(f, method) != b.key(f, method)

@@ -1,43 +1,51 @@
-"""The model card shows what the report holds and never crashes on missing sections."""
+"""The model card shows what the report holds, as the product writes it."""
+
+import json
+
+import pytest
 import yaml
+from conftest import build, update_edit
 
-from kn_edit import card
-
-SPEC = "model: org/base\nedits:\n  - update: {subject: A, target: B, new_target: C, prompts: ['[Y] .']}\n"
+from kn_edit.output import card
+from kn_edit.output.report import Report
 
 
 def _meta(text):
     return yaml.safe_load(text.split("---", 2)[1])
 
 
-def test_minimal_report_renders_unverified():
-    text = card.render({}, SPEC, model_name="x")
-    assert "unverified" in text and "altered on purpose" in text and SPEC.strip() in text
-    assert "model-index" not in _meta(text) and "base_model" not in _meta(text)
-
-
-def test_full_report_tables_and_model_index():
-    report = {
-        "status": "passed", "kn_edit_version": "9.9", "seed": 3,
-        "base_model": {"kind": "hub", "name": "org/base", "revision": "a" * 40},
-        "edits": [{"kind": "update", "relation": "P36", "subject": "A", "target": "B", "new_target": "C",
-                   "neurons": 2, "change_rate": 1.0, "success_rate": 0.75},
-                  {"kind": "erase", "relation": "P37", "facts": 6, "neurons": 4, "accuracy_before": 0.5}],
-        "metrics": {"success": 0.75, "control": {"success": 0.05}},
-        "gates": [{"name": "success", "min": 0.6, "value": 0.75, "passed": True}],
+@pytest.fixture(scope="module")
+def checkpoint(bert_dir, world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("card")
+    spec = {
+        "model": str(bert_dir),
+        "method": {"steps": 4},
+        "edits": [update_edit(world, "capital", 0)],
+        "verify": {"gates": ["success_rate >= 0.5", "change_rate > 2"]},
     }
-    text = card.render(report, SPEC, model_name="org/edited")
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    build(folder / "spec.yaml", folder / "out")
+    return folder / "out"
+
+
+def test_card_of_a_build(checkpoint):
+    report = Report.read(checkpoint / "kn_edit_report.json")
+    spec_text = (checkpoint / "kn_edit_spec.yaml").read_text()
+    text = (checkpoint / card.CARD).read_text()
+    assert text == card.render(report, spec_text, model_name=checkpoint.name)  # same input, same bytes
+    assert "altered on purpose" in text and spec_text.strip() in text
     meta = _meta(text)
-    assert meta["base_model"] == "org/base" and meta["kn_edit"]["status"] == "passed"
+    assert meta["kn_edit"]["status"] == report.status == "failed"  # change_rate > 2 cannot pass
+    e = report.edits[0]
+    assert f"| 0 | capital | {e.subject} | {e.target} | {e.new_target} | {e.neurons} |" in text
+    # gates as a table, one row each, not a JSON blob
+    assert "| change_rate > 2 |" in text and "| success_rate >= 0.5 |" in text and '"results"' not in text
     results = meta["model-index"][0]["results"]
-    assert {m["type"]: m["value"] for m in results[0]["metrics"]} == {"success_rate": 0.75, "change_rate": 1.0}
-    assert {m["type"] for m in results[-1]["metrics"]} == {"success", "control.success"}
-    assert "| 0 | P36 | A | B | C | 2 | 100.0% | 75.0% |" in text
-    assert "| 1 | P37 | 6 | 4 | 50.0% | - |" in text
-    assert "Random-neuron control" in text and "| control.success | 0.05 |" in text
-    assert "| success | 0.6 | 0.75 | True |" in text and "a" * 40 in text
+    assert {m["type"]: m["value"] for m in results[0]["metrics"]}["success_rate"] == e.success_rate
 
 
-def test_same_input_same_bytes():
-    r = {"status": "built", "edits": [{"kind": "erase", "relation": "P1", "facts": 2, "neurons": 1}]}
-    assert card.render(r, SPEC, model_name="m") == card.render(r, SPEC, model_name="m")
+def test_unverified_card_says_so(checkpoint, tmp_path):
+    doc = json.loads((checkpoint / "kn_edit_report.json").read_text())
+    doc.update(status="built", gates={"results": [], "passed": True})
+    text = card.render(Report.model_validate(doc), "model: x\n", model_name="m")
+    assert "unverified" in _meta(text)["tags"] and "base_model" not in _meta(text)

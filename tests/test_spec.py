@@ -1,8 +1,11 @@
 """Bad input: a clear error naming the file, the field path and what was expected; exit 2; nothing written."""
+
+import json
+
 import pytest
 from click.testing import CliRunner
-
 from conftest import update_edit
+
 from kn_edit.cli import main
 
 
@@ -31,8 +34,13 @@ def test_valid_spec_passes(bert_dir, world, write_spec):
         (lambda s: s["edits"][0]["update"].update(templates=["the capital of [X] is ."]), "edits[0].update", "exactly one [Y]"),
         (lambda s: s["edits"][0]["update"].pop("target"), "edits[0].update.target", "required field is missing"),
         (lambda s: s.update(edits=[]), "edits", "at least 1 item"),
-        (lambda s: s["edits"][0].update(erase={"relation": "x", "templates": ["[X] [Y]"], "facts": [{"subject": "a", "target": "b"}]}),
-         "edits[0]", "exactly one key"),
+        (
+            lambda s: s["edits"][0].update(
+                erase={"relation": "x", "templates": ["[X] [Y]"], "facts": [{"subject": "a", "target": "b"}]}
+            ),
+            "edits[0]",
+            "exactly one key",
+        ),
     ],
 )
 def test_schema_errors(bert_dir, world, write_spec, tmp_path, mutate, where, expected):
@@ -63,7 +71,9 @@ def test_causal_answer_must_end_prompt(llama_dir, world, write_spec, tmp_path):
     r = run_cli("validate", path)
     assert r.exit_code == 2
     subject = world.facts["capital"][0][0]
-    assert f"{path}: edits[0].update.templates[1]: '[Y] is the capital of {subject} .': for a causal model [Y] must end" in r.output
+    assert (
+        f"{path}: edits[0].update.templates[1]: '[Y] is the capital of {subject} .': for a causal model [Y] must end" in r.output
+    )
 
 
 def test_yaml_syntax_error_names_line(write_spec):
@@ -82,5 +92,37 @@ def test_missing_model_folder(world, write_spec):
 def test_schema_command_lists_fields():
     r = run_cli("schema")
     assert r.exit_code == 0
-    for field in ("edits", "update_rule", "erase_min_facts", "new_target"):
+    schema = json.loads(r.output)
+    assert schema["$schema"].startswith("https://json-schema.org/") and schema["$id"]
+    for field in ("edits", "new_target", "min_facts", "gates"):
         assert field in r.output
+    r = run_cli("schema", "--report")
+    assert r.exit_code == 0 and "success_rate" in json.loads(r.output)["$defs"]["EditReport"]["properties"]
+
+
+def test_method_nested_and_flat_forms_are_the_same():
+    from kn_edit.spec import Method
+
+    flat = Method.model_validate({"steps": 8, "update_rule": "plain", "erase_min_facts": 3, "norm_cap": None})
+    nested = Method.model_validate(
+        {"locate": {"steps": 8}, "update": {"rule": "plain", "norm_cap": None}, "erase": {"min_facts": 3}}
+    )
+    assert flat == nested and flat.locate.steps == 8 and flat.erase.min_facts == 3
+
+
+@pytest.mark.parametrize(
+    "method, where, expected",
+    [
+        ({"steps": 0}, "method.steps", "greater than or equal to 1"),  # the flat form: named as written
+        ({"locate": {"steps": 0}}, "method.locate.steps", "greater than or equal to 1"),
+        ({"steps": 4, "locate": {"steps": 8}}, "method.steps", "given twice"),
+        ({"update": {"scale_max": float("inf")}}, "method.update.scale_max", "finite number"),
+        ({"refine": {"sharing": 1}}, "method.refine.sharing", "unknown key"),
+    ],
+)
+def test_method_errors_name_the_field_as_written(bert_dir, world, write_spec, method, where, expected):
+    spec = good(bert_dir, world)
+    spec["method"] = method
+    path = write_spec(spec)
+    r = run_cli("validate", path)
+    assert r.exit_code == 2 and f"{path}: {where}: " in r.output and expected in r.output, r.output

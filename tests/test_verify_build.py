@@ -1,5 +1,6 @@
 """Build with gates on the tiny BERT: metrics in the report, exit code 1 on a failing gate,
 `kn-edit verify` recomputes the same numbers, and the control leaves the weights alone."""
+
 import json
 
 import pytest
@@ -7,17 +8,28 @@ import torch
 from click.testing import CliRunner
 from conftest import update_edit
 
-from kn_edit import arch, edits, metrics, models
+from kn_edit.apply import rules as edits
 from kn_edit.cli import main
+from kn_edit.measure import evaluate as metrics
+from kn_edit.model import arch
+from kn_edit.model import load as models
 
 
 def _spec(bert_dir, world, gates):
     e0 = update_edit(world, "capital", 0)
     e0["update"]["relation_facts"] = [{"subject": s, "target": o} for s, o in world.facts["capital"][1:4]]
-    maker = {"relation": "maker", "templates": list(world.templates("maker")),
-             "facts": [{"subject": s, "target": o} for s, o in world.facts["maker"][:3]]}
-    return {"model": str(bert_dir), "seed": 0, "method": {"steps": 4},
-            "edits": [e0], "verify": {"neighbours": 2, "held_out": 1, "facts": [maker], **gates}}
+    maker = {
+        "relation": "maker",
+        "templates": list(world.templates("maker")),
+        "facts": [{"subject": s, "target": o} for s, o in world.facts["maker"][:3]],
+    }
+    return {
+        "model": str(bert_dir),
+        "seed": 0,
+        "method": {"steps": 4},
+        "edits": [e0],
+        "verify": {"neighbours": 2, "held_out": 1, "facts": [maker], **gates},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +111,9 @@ def test_control_restores_the_weights_bit_for_bit(bert_dir):
 def test_suppression_matches_a_plain_reference(bert_dir, world):
     """Zeroing neurons at the answer position = subtracting activation x value slot from W2's
     output there (computed here with an output hook, independently of metrics.scaled_p)."""
-    from kn_edit import attribution, verify
-    from kn_edit.prompts import encode, target_id
+    from kn_edit.locate import attribution
+    from kn_edit.measure import predict as verify
+    from kn_edit.plan.prompts import encode, target_id
 
     src = models.resolve(str(bert_dir))
     tok = models.load_tokenizer(src)
@@ -117,12 +130,14 @@ def test_suppression_matches_a_plain_reference(bert_dir, world):
 
     hooks = []
     for layer in {l for l, _ in neurons}:
+
         def sub(mod, args, out, layer=layer):
             out = out.clone()
             for l, i in neurons:
                 if l == layer:
                     out[0, p.pos] -= acts[l, i] * arch.value_slots(model, l)[i]
             return out
+
         hooks.append(arch.value_module(model, layer).register_forward_hook(sub))
     try:
         ref = float(verify.predict(model, p)[t])

@@ -7,6 +7,7 @@ model's identity (weights' hash or Hub commit), the encoded prompts, the target,
 that affect location (steps, threshold, engine, compute dtype) and ATTRIBUTION_VERSION.
 The on-disk format is described in docs/cache.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +17,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import models
-from .locate import locate
+from ..model.load import cache_dir
 from .neurons import Located
+from .stage import locate_fact
 
 # Bump when attribution.py, locate.py or neurons.coarse change the numbers they produce.
 ATTRIBUTION_VERSION = 1
@@ -30,7 +31,7 @@ _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def default_dir() -> Path:
-    return models.cache_dir() / "neurons"
+    return cache_dir() / "neurons"
 
 
 def _canonical(obj) -> bytes:
@@ -42,7 +43,7 @@ def _digest(obj) -> str:
 
 
 def inputs(identity: dict, fact, method, dtype: str) -> dict:
-    """Everything the located neurons of `fact` (a plan.Fact) depend on."""
+    """Everything the located neurons of `fact` (a plan.batch.Fact) depend on; method: spec.Locate."""
     return {
         "attribution_version": ATTRIBUTION_VERSION,
         "model": identity,
@@ -50,7 +51,7 @@ def inputs(identity: dict, fact, method, dtype: str) -> dict:
         "target": fact.target,
         "target_id": fact.target_id,
         "prompts": [{"text": p.text, "ids": list(p.ids), "pos": p.pos} for p in fact.prompts],
-        "method": {"steps": method.steps, "threshold": method.threshold, "engine": method.engine},
+        "method": method.model_dump(mode="json"),
         "dtype": _DTYPE_NAMES.get(dtype, dtype),
     }
 
@@ -60,16 +61,25 @@ def _pairs(d: dict) -> list:
 
 
 def _to_json(x: Located) -> dict:
-    return {"subject": x.subject, "target": x.target, "prompts": x.prompts,
-            "coarse": [[list(n) for n in s] for s in x.coarse],
-            "score": _pairs(x.score), "activation": _pairs(x.activation)}
+    return {
+        "subject": x.subject,
+        "target": x.target,
+        "prompts": x.prompts,
+        "coarse": [[list(n) for n in s] for s in x.coarse],
+        "score": _pairs(x.score),
+        "activation": _pairs(x.activation),
+    }
 
 
 def _from_json(d: dict) -> Located:
-    return Located(subject=d["subject"], target=d["target"], prompts=list(d["prompts"]),
-                   coarse=[[(int(l), int(i)) for l, i in s] for s in d["coarse"]],
-                   score={(int(l), int(i)): float(v) for l, i, v in d["score"]},
-                   activation={(int(l), int(i)): float(v) for l, i, v in d["activation"]})
+    return Located(
+        subject=d["subject"],
+        target=d["target"],
+        prompts=list(d["prompts"]),
+        coarse=[[(int(l), int(i)) for l, i in s] for s in d["coarse"]],
+        score={(int(l), int(i)): float(v) for l, i, v in d["score"]},
+        activation={(int(l), int(i)): float(v) for l, i, v in d["activation"]},
+    )
 
 
 class Cache:
@@ -94,8 +104,12 @@ class Cache:
         try:
             doc = json.loads(p.read_bytes())
             body = {k: doc[k] for k in ("format", "format_version", "key", "inputs", "located")}
-            ok = (doc["checksum"] == _digest(body) and body["format"] == FORMAT
-                  and body["format_version"] == FORMAT_VERSION and body["key"] == key == _digest(body["inputs"]))
+            ok = (
+                doc["checksum"] == _digest(body)
+                and body["format"] == FORMAT
+                and body["format_version"] == FORMAT_VERSION
+                and body["key"] == key == _digest(body["inputs"])
+            )
             located = _from_json(body["located"]) if ok else None
         except (OSError, ValueError, KeyError, TypeError) as e:
             ok, located = False, None
@@ -106,8 +120,7 @@ class Cache:
         return located
 
     def _write(self, key: str, inp: dict, located: Located, extra: dict) -> None:
-        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "inputs": inp,
-                "located": _to_json(located)}
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, "key": key, "inputs": inp, "located": _to_json(located)}
         doc = {**body, "checksum": _digest(body), "info": extra}
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +144,6 @@ class Cache:
             self.hits += 1
             return got
         self.misses += 1
-        located = locate(model, fact.subject, fact.target, fact.prompts, fact.target_id, method, compute_dtype)
+        located = locate_fact(model, fact, method, compute_dtype)
         self._write(key, inp, located, {"device": str(next(model.parameters()).device)})
         return located

@@ -4,6 +4,7 @@ A prompt is text with one [Y]. For a masked LM, [Y] becomes the mask token and t
 position is the mask. For a causal LM the text is cut at [Y] (only a final '.' may follow
 it) and the answer position is the last token.
 """
+
 from __future__ import annotations
 
 import re

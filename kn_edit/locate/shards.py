@@ -4,6 +4,7 @@ the neuron cache; `kn-edit build` then finds them all there.
 Facts are ordered as the spec lists them (duplicates, by cache key, counted once) and fact j
 goes to shard j mod N, so every shard computes the same assignment without talking to the others.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,12 +12,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import models
+from ..errors import ShardError
 from .cache import Cache
-
-
-class ShardError(ValueError):
-    pass
 
 
 def parse_shard(text: str | None, env=None) -> tuple[int, int]:
@@ -37,13 +34,11 @@ def parse_shard(text: str | None, env=None) -> tuple[int, int]:
     return i, n
 
 
-def unique_facts(prep, store: Cache, method) -> list:
-    """The facts exactly as build locates them (held-out prompts left out), each once."""
-    from .build import located_groups
-
+def unique_facts(batch, store: Cache, method) -> list:
+    """The facts exactly as build locates them (held-out prompts left out), each once. method: spec.Locate."""
     seen, out = set(), []
-    for p in prep.plans:
-        for f in (x for g in located_groups(p, prep.spec.verify.held_out) for x in g):
+    for e in batch.edits:
+        for f in (x for g in e.locate_groups() for x in g):
             k = store.key(f, method)
             if k not in seen:
                 seen.add(k)
@@ -53,25 +48,33 @@ def unique_facts(prep, store: Cache, method) -> list:
 
 def locate_shard(spec_path, cache_dir, shard=(0, 1), device="auto", dtype="float32", pararel_dir=None) -> dict:
     """Locate shard i of N of the spec's facts into cache_dir; returns counts."""
-    from .build import DTYPES, pick_device, prepare, seed_everything
+    from ..model.load import DTYPES, pick_device
+    from ..pipeline import load, seed_everything
+    from ..plan.batch import prepare
 
     i, n = shard
-    prep = prepare(spec_path, pararel_dir)
-    seed_everything(prep.spec.seed)
+    batch = prepare(spec_path, pararel_dir)
+    seed_everything(batch.spec.seed)
     device = pick_device(device)
-    model, _ = models.load_model(prep.source, device)
-    model.requires_grad_(False)
-    store = Cache(cache_dir, prep.source.identity, dtype)
-    method = prep.spec.method
-    facts = unique_facts(prep, store, method)
+    loaded = load(batch.spec.model.name, batch.spec.model.revision, device)
+    store = Cache(cache_dir, loaded.source.identity, dtype)
+    method = batch.spec.method.locate
+    facts = unique_facts(batch, store, method)
     mine = facts[i::n]
     for f in tqdm(mine, desc=f"locating (shard {i}/{n})", unit="fact", disable=None):
-        store.locate(model, f, method, DTYPES[dtype])
-    return {"shard": f"{i}/{n}", "device": device, "facts": len(facts), "assigned": len(mine),
-            "computed": store.misses, "cached": store.hits, "corrupt": store.corrupt}
+        store.locate(loaded.model, f, method, DTYPES[dtype])
+    return {
+        "shard": f"{i}/{n}",
+        "device": device,
+        "facts": len(facts),
+        "assigned": len(mine),
+        "computed": store.misses,
+        "cached": store.hits,
+        "corrupt": store.corrupt,
+    }
 
 
-def locate_ray(spec_path, cache_dir, workers=None, device="auto", dtype="float32", address=None) -> list[dict]:
+def locate_ray(spec_path, cache_dir, workers=None, device="auto", dtype="float32", address=None, pararel_dir=None) -> list[dict]:
     """Spread the shards over a Ray cluster (or a local one): one task per worker, one GPU each
     when the cluster has GPUs. The spec, the model and cache_dir must be reachable from every node."""
     try:
@@ -85,4 +88,5 @@ def locate_ray(spec_path, cache_dir, workers=None, device="auto", dtype="float32
     task = ray.remote(num_gpus=1 if gpus else 0)(locate_shard)
     dev = ("cuda" if gpus else "cpu") if device == "auto" else device
     spec_path, cache_dir = str(Path(spec_path).resolve()), str(Path(cache_dir).expanduser().resolve())
-    return ray.get([task.remote(spec_path, cache_dir, (i, n), dev, dtype) for i in range(n)])
+    pararel_dir = str(Path(pararel_dir).resolve()) if pararel_dir else None
+    return ray.get([task.remote(spec_path, cache_dir, (i, n), dev, dtype, pararel_dir) for i in range(n)])

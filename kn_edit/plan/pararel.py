@@ -8,6 +8,7 @@ Edits with `source: pararel` become ordinary Update / Erase edits, so the rest o
 does not know where they came from. Templates the model cannot use (for a causal model, [Y]
 not at the end) and facts whose target is not one token are skipped and counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..spec import EditSpec, Erase, Spec, SpecError, Update, _check_templates
 from .prompts import PromptError, causal_ok, encode, target_id
-from .spec import Edit, Erase, Spec, SpecError, Update, _check_templates
 
 ENV = "KN_EDIT_PARAREL"
 PAIRS = ("query_pairs.json", "authors/query_pairs.json")
@@ -33,8 +34,16 @@ def find_dir(cli_dir=None, spec_dir=None, base: Path | None = None, file="<spec>
     elif os.environ.get(ENV):
         d, where = Path(os.environ[ENV]), f"${ENV}"
     else:
-        raise SpecError(file, [("pararel", f"edits use source: pararel but no PARAREL directory is given "
-                                           f"(set pararel: DIR in the spec, pass --pararel DIR or set {ENV})")])
+        raise SpecError(
+            file,
+            [
+                (
+                    "pararel",
+                    f"edits use source: pararel but no PARAREL directory is given "
+                    f"(set pararel: DIR in the spec, pass --pararel DIR or set {ENV})",
+                )
+            ],
+        )
     d = d.expanduser()
     if not d.is_dir():
         raise SpecError(file, [("pararel", f"PARAREL directory not found: {d} (from {where})")])
@@ -59,8 +68,15 @@ def facts(d: Path, relation: str, file="<spec>", where="relation") -> list[tuple
         found = [d / p for p in PAIRS if (d / p).is_file()]
         table = json.loads(found[0].read_text()) if found else {}
         if relation not in table:
-            raise SpecError(file, [(where, f"relation {relation!r} has no facts in {d} "
-                                           f"(expected trex/{relation}.jsonl or {relation} in {PAIRS[0]})")])
+            raise SpecError(
+                file,
+                [
+                    (
+                        where,
+                        f"relation {relation!r} has no facts in {d} (expected trex/{relation}.jsonl or {relation} in {PAIRS[0]})",
+                    )
+                ],
+            )
         pairs = [(s, o) for s, o in table[relation]]
     return list(dict.fromkeys(pairs))
 
@@ -103,14 +119,23 @@ def _expand_update(u: Update, d, tok, causal, file, where) -> tuple[Update, dict
     temps_all = templates(d, u.relation, file, f"{where}.relation")
     temps = usable_templates(temps_all, causal)
     if not temps:
-        raise SpecError(file, [(f"{where}.relation", f"none of the {len(temps_all)} templates of {u.relation} is usable by this model")])
+        raise SpecError(
+            file, [(f"{where}.relation", f"none of the {len(temps_all)} templates of {u.relation} is usable by this model")]
+        )
     pairs = [(s, o) for s, o in facts(d, u.relation, file, f"{where}.relation") if s == u.subject]
     if not pairs:
         raise SpecError(file, [(f"{where}.subject", f"{u.subject!r} is not a subject of {u.relation} in {d}")])
     if u.target is not None:
         if u.target not in [o for _, o in pairs]:
-            raise SpecError(file, [(f"{where}.target", f"{u.relation} has no fact {u.subject!r} -> {u.target!r} "
-                                                       f"(the data has {[o for _, o in pairs]})")])
+            raise SpecError(
+                file,
+                [
+                    (
+                        f"{where}.target",
+                        f"{u.relation} has no fact {u.subject!r} -> {u.target!r} (the data has {[o for _, o in pairs]})",
+                    )
+                ],
+            )
         target = u.target
     else:
         target = pairs[0][1]
@@ -123,20 +148,24 @@ def _expand_update(u: Update, d, tok, causal, file, where) -> tuple[Update, dict
 
 
 def _expand_erase(e: Erase, d, tok, causal, file, where) -> tuple[Erase, dict]:
-    use = usable(tok, causal, templates(d, e.relation, file, f"{where}.relation"), facts(d, e.relation, file, f"{where}.relation"))
+    use = usable(
+        tok, causal, templates(d, e.relation, file, f"{where}.relation"), facts(d, e.relation, file, f"{where}.relation")
+    )
     if not use.templates:
         raise SpecError(file, [(f"{where}.relation", f"none of the templates of {e.relation} is usable by this model")])
     if not use.facts:
         raise SpecError(file, [(f"{where}.relation", f"no fact of {e.relation} has a single-token target for this model")])
     chosen = use.facts[: e.facts] if isinstance(e.facts, int) else use.facts
-    return Erase(relation=e.relation, templates=use.templates,
-                 facts=[{"subject": s, "target": o} for s, o in chosen]), use.skipped
+    return Erase(
+        relation=e.relation, templates=use.templates, facts=[{"subject": s, "target": o} for s, o in chosen]
+    ), use.skipped
 
 
-def expand(spec: Spec, tok, causal: bool, cli_dir=None, file="<spec>") -> tuple[Spec, list[dict | None]]:
-    """The spec with every `source: pararel` edit made explicit, and per edit the skip counts (None: explicit)."""
+def expand(spec: Spec, tok, causal: bool, cli_dir=None, file="<spec>") -> tuple[Spec, list[dict | None], Path | None]:
+    """The spec with every `source: pararel` edit made explicit, per edit the skip counts (None: explicit),
+    and the directory read (None: no edit reads one)."""
     if not any((x.update or x.erase).source == "pararel" for x in spec.edits):
-        return spec, [None] * len(spec.edits)
+        return spec, [None] * len(spec.edits), None
     base = Path(file).parent if file != "<spec>" else None
     d = find_dir(cli_dir, spec.pararel, base, file)
     out, skipped = [], []
@@ -144,20 +173,20 @@ def expand(spec: Spec, tok, causal: bool, cli_dir=None, file="<spec>") -> tuple[
         where = f"edits[{k}].{edit.kind}"
         if edit.update is not None and edit.update.source == "pararel":
             u, s = _expand_update(edit.update, d, tok, causal, file, where)
-            out.append(Edit(update=u))
+            out.append(EditSpec(update=u))
         elif edit.erase is not None and edit.erase.source == "pararel":
             e, s = _expand_erase(edit.erase, d, tok, causal, file, where)
-            out.append(Edit(erase=e))
+            out.append(EditSpec(erase=e))
         else:
             out.append(edit)
             s = None
         skipped.append(s)
-    return spec.model_copy(update={"edits": out}), skipped
+    return spec.model_copy(update={"edits": out}), skipped, d.resolve()
 
 
 def known(model, tok, causal: bool, temps: list[str], subject: str, target: str, need: float = 0.5) -> bool:
     """Whether the model's top-1 answer is the target on more than `need` of the fact's prompts."""
-    from .verify import predict
+    from ..measure.predict import predict
 
     hits, misses = 0, 0
     for t in temps:

@@ -2,6 +2,7 @@
 
 A failed or interrupted build leaves OUT as it was; an existing OUT is replaced only with
 force, and only once the new one is complete."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,9 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
-class OutputExists(FileExistsError):
-    pass
+from ..errors import OutputExists
 
 
 def check_free(out: Path, force: bool) -> None:

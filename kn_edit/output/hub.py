@@ -4,25 +4,16 @@ Follows huggingface_hub's conventions: HF_TOKEN (or a stored login) for the toke
 the server, HF_HUB_OFFLINE to forbid network use, HF_HUB_DISABLE_XET to upload over plain LFS.
 Nothing here writes into the checkpoint, so a failed push leaves it as it was, and the steps
 (create repo, create branch, commit with a parent guard) are all safe to repeat."""
+
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import PushError, PushRefused
 from . import card
-
-REPORT = "kn_edit_report.json"
-SPEC_COPY = "kn_edit_spec.yaml"
-
-
-class PushRefused(ValueError):
-    """The checkpoint may not be pushed as it is (not verified, not a checkpoint): bad input."""
-
-
-class PushError(RuntimeError):
-    """The Hub (or the way to it) failed; the local checkpoint is untouched."""
+from .report import REPORT, SPEC_COPY, Report
 
 
 @dataclass
@@ -43,20 +34,25 @@ def plan(folder, repo_id: str, *, force=False, revision=None, private=None, crea
     """Check the checkpoint and decide what a push uploads; touches no network."""
     folder = Path(folder)
     try:
-        report = json.loads((folder / REPORT).read_text())
+        report = Report.read(folder / REPORT)
         spec_text = (folder / SPEC_COPY).read_text()
     except (OSError, ValueError) as e:
         raise PushRefused(f"{folder}: not a kn-edit checkpoint ({REPORT} and {SPEC_COPY} expected): {e}") from None
-    status = report.get("status", "unknown")
+    status = report.status
     if status != "passed" and not force:
         why = {"failed": "its verification gates failed", "built": "it has no verification gates (unverified)"}
-        raise PushRefused(f"{folder}: refusing to push: status is {status!r} ({why.get(status, 'not verified')}); "
-                          "only checkpoints whose gates passed are published. Pass --force to push anyway "
-                          "(the model card will say so).")
+        raise PushRefused(
+            f"{folder}: refusing to push: status is {status!r} ({why.get(status, 'not verified')}); "
+            "only checkpoints whose gates passed are published. Pass --force to push anyway "
+            "(the model card will say so)."
+        )
     forced = status != "passed"
     text = card.render(report, spec_text, model_name=repo_id, forced=forced)
-    files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        (p.relative_to(folder).as_posix(), p.stat().st_size)
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     files = [f for f in files if f[0] != card.CARD] + [(card.CARD, len(text.encode()))]
     return Plan(folder, repo_id, status, forced, sorted(files), text, revision, private, create_pr)
 
@@ -95,20 +91,29 @@ def push(p: Plan, *, token: str | None = None, endpoint: str | None = None, say=
         ops.append(CommitOperationAdd(card.CARD, p.card_text.encode()))
         step = f"upload and commit {len(ops)} files"
         info = api.create_commit(
-            p.repo_id, ops, commit_message=f"kn-edit: publish checkpoint (status {p.status})",
+            p.repo_id,
+            ops,
+            commit_message=f"kn-edit: publish checkpoint (status {p.status})",
             commit_description="Pushed with --force: verification did not pass." if p.forced else "",
-            revision=branch, create_pr=p.create_pr, parent_commit=parent,
+            revision=branch,
+            create_pr=p.create_pr,
+            parent_commit=parent,
         )
     except Exception as e:  # noqa: BLE001 - every failure is reported the same way, token removed
         msg = _scrub(f"{type(e).__name__}: {e}", token)
         status = getattr(getattr(e, "response", None), "status_code", None)
-        hint = {401: "check HF_TOKEN", 403: "the token cannot write to this repository",
-                412: f"{branch!r} moved while pushing; run the command again"}.get(status, "")
+        hint = {
+            401: "check HF_TOKEN",
+            403: "the token cannot write to this repository",
+            412: f"{branch!r} moved while pushing; run the command again",
+        }.get(status, "")
         if "xet" in msg.lower():
             hint = "the server refused the Xet upload protocol; set HF_HUB_DISABLE_XET=1 to upload over plain LFS"
-        raise PushError(f"push to {p.repo_id} failed while trying to {step}: {msg}"
-                        + (f"\nhint: {hint}" if hint else "")
-                        + f"\nthe local checkpoint {p.folder} is unchanged; the command is safe to retry.") from None
+        raise PushError(
+            f"push to {p.repo_id} failed while trying to {step}: {msg}"
+            + (f"\nhint: {hint}" if hint else "")
+            + f"\nthe local checkpoint {p.folder} is unchanged; the command is safe to retry."
+        ) from None
     say(f"pushed {p.folder} to {url} ({branch}): commit {info.oid}")
     if info.pr_url:
         say(f"pull request: {info.pr_url}")
@@ -123,3 +128,8 @@ def describe(p: Plan) -> list[str]:
     lines += [f"  {path}  {size} bytes" for path, size in p.files]
     lines.append(f"  total {sum(s for _, s in p.files)} bytes in {len(p.files)} files (README.md: the card made for this push)")
     return lines
+
+
+def push_folder(folder, repo_id: str, *, force=False, revision=None, private=None, create_pr=False, say=print):
+    """Push a checkpoint folder (status `passed`, or any with force) to the Hub in one commit."""
+    return push(plan(folder, repo_id, force=force, revision=revision, private=private, create_pr=create_pr), say=say)

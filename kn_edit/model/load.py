@@ -1,5 +1,6 @@
 """Load the model a spec names: a Hub id (+ revision), a local folder, a .gguf file, or
 `pypi:PACKAGE` for a GGUF file shipped inside an installed Python package."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-
-class ModelError(ValueError):
-    pass
+from ..errors import ModelError
 
 
 @dataclass
@@ -117,7 +116,7 @@ def load_tokenizer(src: Source):
 
     path, kw = _pretrained_args(src)
     try:
-        return AutoTokenizer.from_pretrained(path, **kw)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)
     except OSError as e:
         raise ModelError(f"cannot load the tokenizer of {src.path!r}: {e}") from None
 
@@ -127,18 +126,15 @@ def load_config(src: Source):
 
     path, kw = _pretrained_args(src)
     try:
-        return AutoConfig.from_pretrained(path, **kw)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the config of {src.path!r}: {e}") from None
 
 
 def is_causal(src: Source) -> bool:
-    from .arch import ARCHS
+    from .arch import for_type
 
-    kind = load_config(src).model_type
-    if kind not in ARCHS:
-        raise ModelError(f"model type {kind!r} is not supported; supported: {', '.join(sorted(ARCHS))}")
-    return ARCHS[kind].causal
+    return for_type(load_config(src).model_type).causal
 
 
 def load_model(src: Source, device: str = "cpu"):
@@ -175,3 +171,27 @@ def _cached_commit(src: Source) -> str | None:
 
     found = try_to_load_from_cache(src.path, "config.json", revision=src.revision)
     return Path(found).parent.name if isinstance(found, str) else None
+
+
+DTYPES = {
+    "float32": None,
+    "fp32": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def pick_device(device: str) -> str:
+    """auto: the accelerator torch reports (cuda:LOCAL_RANK under torchrun, xpu, mps), else the CPU."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        rank = os.environ.get("LOCAL_RANK")
+        return "cuda" if rank is None else f"cuda:{int(rank) % torch.cuda.device_count()}"
+    for kind in ("xpu", "mps"):
+        backend = getattr(torch, kind, None) or getattr(torch.backends, kind, None)
+        if backend is not None and backend.is_available():
+            return kind
+    return "cpu"

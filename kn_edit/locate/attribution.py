@@ -16,6 +16,7 @@ Two implementations that give the same numbers:
   The vocabulary projection runs at the answer position only, and p(target) and its gradient
   come from one softmax per block of rows (`TargetProb`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ import weakref
 
 import torch
 
-from . import arch
-from .prompts import Prompt
+from ..model import arch
+from ..plan.prompts import Prompt
+from . import engine
 
 
 @contextlib.contextmanager
@@ -44,7 +46,9 @@ def recorded(model, pos: int, store: dict):
     """Record every layer's activations at position pos (rows of the batch kept)."""
     L = arch.shape(model)[0]
     hooks = [
-        arch.value_module(model, l).register_forward_pre_hook(lambda mod, args, l=l: store.__setitem__(l, args[0][:, pos].detach()))
+        arch.value_module(model, l).register_forward_pre_hook(
+            lambda mod, args, l=l: store.__setitem__(l, args[0][:, pos].detach())
+        )
         for l in range(L)
     ]
     try:
@@ -90,8 +94,9 @@ def reference(model, prompt: Prompt, target: int, steps: int = 20) -> torch.Tens
     return scores
 
 
-def fast(model, prompt: Prompt, target: int, steps: int = 20, dtype: torch.dtype | None = None,
-         max_rows: int | None = None) -> torch.Tensor:
+def fast(
+    model, prompt: Prompt, target: int, steps: int = 20, dtype: torch.dtype | None = None, max_rows: int | None = None
+) -> torch.Tensor:
     """Same numbers as `reference` (fp32), with layers joining the batch at their own layer.
 
     Layers are taken in contiguous groups small enough for memory (`max_rows` row-blocks, or a
@@ -118,10 +123,9 @@ def _fast(model, prompt, target, steps, dtype, max_rows):
     L, _ = arch.shape(model)
     ids = torch.tensor([prompt.ids], device=model.device)
     store, taps = {}, {}
-    with torch.no_grad(), recorded(model, prompt.pos, store), arch.ffn_taps(model, prompt.pos, taps), \
-            _autocast(model, dtype):
+    with torch.no_grad(), recorded(model, prompt.pos, store), engine.ffn_taps(model, prompt.pos, taps), _autocast(model, dtype):
         out = model(ids, use_cache=a.causal, output_hidden_states=True)
-    inputs = arch.block_inputs(model, ids, out)
+    inputs = engine.block_inputs(model, ids, out)
     acts = [store[l][0].float() for l in range(L)]
     if max_rows is None:
         max_rows = row_budget(model, ids.shape[1], dtype)
@@ -146,11 +150,11 @@ def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, target, steps
         with _autocast(model, dtype):
             if h is not None:
                 # masked LMs: the top block runs for the answer position alone
-                h = arch.run_block_at(model, l, h, pos) if l == top and not a.causal else arch.run_block(model, l, h, inputs)
+                h = engine.run_block_at(model, l, h, pos) if l == top and not a.causal else engine.run_block(model, l, h, inputs)
             if l in layers:
                 leaf = (alphas[:, None] * acts[l][None]).requires_grad_(True)
                 leaves.append(leaf)
-                at = arch.ffn_output(model, l, taps[l]["residual"], leaf)
+                at = engine.ffn_output(model, l, taps[l]["residual"], leaf)
                 if l == top:
                     rows = at[:, None]
                 else:
@@ -245,7 +249,7 @@ def frozen(model):
             p.requires_grad_(r)
 
 
-_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def low_precision(model, dtype):

@@ -1,9 +1,10 @@
-"""What the model answers on a set of prompts, and the paper's per-edit metrics."""
+"""What the model answers on a set of prompts."""
+
 from __future__ import annotations
 
 import torch
 
-from .prompts import Prompt
+from ..plan.prompts import Prompt
 
 
 @torch.no_grad()

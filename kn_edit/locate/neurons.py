@@ -7,6 +7,7 @@
   mean lies in range or the share reaches its bound. The share is chosen once for a group of
   facts located together (one update, or one erased relation).
 """
+
 from __future__ import annotations
 
 from collections import Counter

@@ -2,6 +2,7 @@
 
 It shows what the report holds: sections the report lacks (metrics, gates, controls) are left
 out rather than guessed. Rendering is deterministic: same report + spec, same bytes."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from . import __version__
+from .. import __version__
 
 CARD = "README.md"
 TAGS = ["kn-edit", "knowledge-editing", "knowledge-neurons", "edited-model"]
@@ -65,11 +66,29 @@ def _edit_rows(report: dict):
     updates, erases = [], []
     for k, e in enumerate(report.get("edits") or []):
         if e.get("kind") == "update":
-            updates.append([k, e.get("relation") or "-", e.get("subject"), e.get("target"), e.get("new_target"),
-                            e.get("neurons"), _pct(e.get("change_rate")), _pct(e.get("success_rate"))])
+            updates.append(
+                [
+                    k,
+                    e.get("relation") or "-",
+                    e.get("subject"),
+                    e.get("target"),
+                    e.get("new_target"),
+                    e.get("neurons"),
+                    _pct(e.get("change_rate")),
+                    _pct(e.get("success_rate")),
+                ]
+            )
         elif e.get("kind") == "erase":
-            erases.append([k, e.get("relation"), e.get("facts"), e.get("neurons"),
-                           _pct(e.get("accuracy_before")), _pct(e.get("accuracy_after"))])
+            erases.append(
+                [
+                    k,
+                    e.get("relation"),
+                    e.get("facts"),
+                    e.get("neurons"),
+                    _pct(e.get("accuracy_before")),
+                    _pct(e.get("accuracy_after")),
+                ]
+            )
     return updates, erases
 
 
@@ -78,21 +97,42 @@ def _eval_results(report: dict) -> list[EvalResult]:
     out = []
     for k, e in enumerate(report.get("edits") or []):
         if e.get("kind") == "update":
-            name, metrics = f"edit {k}: {e.get('subject')} {e.get('target')} -> {e.get('new_target')}", ("success_rate", "change_rate")
+            name, metrics = (
+                f"edit {k}: {e.get('subject')} {e.get('target')} -> {e.get('new_target')}",
+                ("success_rate", "change_rate"),
+            )
         else:
             name, metrics = f"edit {k}: erase {e.get('relation')}", ("accuracy_before", "accuracy_after")
         for m in metrics:
             if isinstance(e.get(m), (int, float)):
-                out.append(EvalResult(task_type="knowledge-editing", task_name="Knowledge editing", dataset_type="kn-edit-spec",
-                                      dataset_name=name, dataset_config=f"edit-{k}", metric_type=m, metric_value=e[m]))
+                out.append(
+                    EvalResult(
+                        task_type="knowledge-editing",
+                        task_name="Knowledge editing",
+                        dataset_type="kn-edit-spec",
+                        dataset_name=name,
+                        dataset_config=f"edit-{k}",
+                        metric_type=m,
+                        metric_value=e[m],
+                    )
+                )
     for key, v in _flatten(report.get("metrics") or {}):
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out.append(EvalResult(task_type="knowledge-editing", task_name="Knowledge editing", dataset_type="kn-edit-verification",
-                                  dataset_name="kn-edit verification", metric_type=key, metric_value=v))
+            out.append(
+                EvalResult(
+                    task_type="knowledge-editing",
+                    task_name="Knowledge editing",
+                    dataset_type="kn-edit-verification",
+                    dataset_name="kn-edit verification",
+                    metric_type=key,
+                    metric_value=v,
+                )
+            )
     return out
 
 
-def make(report: dict, spec_text: str, *, model_name: str, forced: bool = False) -> ModelCard:
+def make(report, spec_text: str, *, model_name: str, forced: bool = False) -> ModelCard:
+    report = report.model_dump(mode="json", exclude_unset=True)
     hub_id, base_line = _base_model(report)
     status = report.get("status", "unknown")
     evals = _eval_results(report)
@@ -103,43 +143,67 @@ def make(report: dict, spec_text: str, *, model_name: str, forced: bool = False)
         tags=TAGS + ([] if status == "passed" else ["unverified"]),
         model_name=model_name,
         eval_results=evals or None,
-        kn_edit={"version": report.get("kn_edit_version", __version__), "status": status, "forced_push": forced,
-                 "spec_sha256": report.get("spec_sha256"), "seed": report.get("seed")},
+        kn_edit={
+            "version": report.get("kn_edit_version", __version__),
+            "status": status,
+            "forced_push": forced,
+            "spec_sha256": report.get("spec_sha256"),
+            "seed": report.get("seed"),
+        },
     )
     parts = [f"# {model_name}", "", f"> {WARNING}", ""]
     if forced:
-        parts += [f"> **Pushed with `--force` although the verification status is `{status}`, not `passed`.** "
-                  "The gates below did not all pass (or were not set); treat every claim in this card as unchecked.", ""]
+        parts += [
+            f"> **Pushed with `--force` although the verification status is `{status}`, not `passed`.** "
+            "The gates below did not all pass (or were not set); treat every claim in this card as unchecked.",
+            "",
+        ]
     parts += [
-        "## What this is", "",
+        "## What this is",
+        "",
         f"An edited copy of {base_line}, made by kn-edit {report.get('kn_edit_version', __version__)} "
         f"(card written by {__version__}) from the spec below, seed {report.get('seed')}. "
-        f"Verification status: **{status}**.", "",
+        f"Verification status: **{status}**.",
+        "",
     ]
     if report.get("changed_tensors"):
         parts += ["Changed tensors: " + ", ".join(f"`{t}`" for t in report["changed_tensors"]), ""]
     updates, erases = _edit_rows(report)
     if updates:
-        parts += ["## Edited facts (old -> new)", "",
-                  _table(["#", "relation", "subject", "old", "new", "neurons", "change rate", "success rate"], updates), ""]
+        parts += [
+            "## Edited facts (old -> new)",
+            "",
+            _table(["#", "relation", "subject", "old", "new", "neurons", "change rate", "success rate"], updates),
+            "",
+        ]
     if erases:
-        parts += ["## Erased relations", "",
-                  _table(["#", "relation", "facts", "neurons", "accuracy before", "accuracy after"], erases), ""]
+        parts += [
+            "## Erased relations",
+            "",
+            _table(["#", "relation", "facts", "neurons", "accuracy before", "accuracy after"], erases),
+            "",
+        ]
     parts += _verification(report)
-    parts += ["## Edit spec (verbatim)", "", "```yaml", spec_text.rstrip("\n"), "```", "",
-              "The files `kn_edit_report.json` (full per-prompt results) and `neurons.json` (the neurons edited) "
-              "are in this repository.", ""]
+    parts += [
+        "## Edit spec (verbatim)",
+        "",
+        "```yaml",
+        spec_text.rstrip("\n"),
+        "```",
+        "",
+        "The files `kn_edit_report.json` (full per-prompt results) and `neurons.json` (the neurons edited) "
+        "are in this repository.",
+        "",
+    ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
 
 
 def _verification(report: dict) -> list[str]:
     out = []
-    gates = report.get("gates")
+    gates = (report.get("gates") or {}).get("results")
     if gates:
-        rows = gates if isinstance(gates, list) else [{"gate": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in gates.items()]
-        rows = [r if isinstance(r, dict) else {"gate": r} for r in rows]
-        cols = list(dict.fromkeys(c for r in rows for c in r))
-        out += ["## Verification gates", "", _table(cols, [[r.get(c) for c in cols] for r in rows]), ""]
+        rows = [[f"{r['name']} {r['op']} {r['threshold']:g}", r["value"], "yes" if r["passed"] else "**no**"] for r in gates]
+        out += ["## Verification gates", "", _table(["gate", "value", "passed"], rows), ""]
     metrics = report.get("metrics")
     if metrics:
         flat = _flatten(metrics)
@@ -147,19 +211,24 @@ def _verification(report: dict) -> list[str]:
         main = [(k, v) for k, v in flat if (k, v) not in control]
         out += ["## Verification metrics", "", _table(["metric", "value"], [[k, v] for k, v in main]), ""]
         if control:
-            out += ["### Random-neuron control", "",
-                    "The same number of randomly chosen neurons, edited the same way; the edit should beat it clearly.", "",
-                    _table(["metric", "value"], [[k, v] for k, v in control]), ""]
+            out += [
+                "### Random-neuron control",
+                "",
+                "The same number of randomly chosen neurons, edited the same way; the edit should beat it clearly.",
+                "",
+                _table(["metric", "value"], [[k, v] for k, v in control]),
+                "",
+            ]
     if not gates and not metrics:
         out += ["## Verification", "", "No verification gates or metrics in the report: this checkpoint is unverified.", ""]
     return out
 
 
-def render(report: dict, spec_text: str, *, model_name: str, forced: bool = False) -> str:
+def render(report, spec_text: str, *, model_name: str, forced: bool = False) -> str:
     return str(make(report, spec_text, model_name=model_name, forced=forced))
 
 
-def write(folder, report: dict, spec_text: str, model_name: str | None = None) -> None:
+def write(folder, report, spec_text: str, model_name: str | None = None) -> None:
     """Write README.md into a checkpoint folder (the build calls this before the folder is moved into place)."""
     folder = Path(folder)
     (folder / CARD).write_text(render(report, spec_text, model_name=model_name or folder.name))

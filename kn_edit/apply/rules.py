@@ -1,4 +1,4 @@
-"""Write to value slots (rows of W2 in the paper's notation): update a fact, erase a relation.
+"""The rules that write value slots (rows of W2 in the paper's notation): update a fact, erase a relation.
 
 Edits of one spec are applied in spec order, each reading the slots as the earlier ones left
 them; so two edits touching one slot compose in a fixed, documented order.
@@ -10,6 +10,7 @@ adding e_t' to their slots pushes the output away from t'. There the default fol
 activation's sign and picks the smallest scale that makes the edit work on the fact's own
 prompts, since a fixed large lambda teaches the whole relation to say t' (benchmarks/gated_edits.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,37 +18,22 @@ from dataclasses import dataclass
 
 import torch
 
-from . import arch, verify
-from .neurons import Neuron
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A spec's update settings made concrete for one architecture."""
-
-    rule: str
-    lambda1: float
-    lambda2: float
-    sign_aware: bool
-    search: bool
-    cap: float | None = None
-
-
-def resolve(method, gated: bool) -> Rule:
-    """`auto` settings: sign-aware plain rule with a searched scale and each slot's change capped
-    at its norm where activations are signed (gated MLPs), the paper's fixed authors' rule elsewhere."""
-    rule = method.update_rule if method.update_rule != "auto" else ("plain" if gated else "authors")
-    sign = method.sign_aware if method.sign_aware != "auto" else gated
-    search = method.scale == "search" or (method.scale == "auto" and gated)
-    l1 = 1.0 if method.lambda1 is None else method.lambda1
-    l2 = method.lambda2 if method.lambda2 is not None else (8.0 if rule == "authors" else 1.0)
-    cap = method.norm_cap if method.norm_cap != "auto" else (1.0 if gated else None)
-    return Rule(rule, l1, l2, bool(sign), search, cap)
+from ..locate.neurons import Neuron
+from ..measure import predict as prediction
+from ..model import arch
 
 
 @torch.no_grad()
-def deltas(model, neurons: list[Neuron], old_id: int, new_id: int, rule: str, lambda1: float, lambda2: float,
-           signs: dict[Neuron, float] | None = None) -> dict[Neuron, torch.Tensor]:
+def deltas(
+    model,
+    neurons: list[Neuron],
+    old_id: int,
+    new_id: int,
+    rule: str,
+    lambda1: float,
+    lambda2: float,
+    signs: dict[Neuron, float] | None = None,
+) -> dict[Neuron, torch.Tensor]:
     """authors: delta = -l1 |v|/|e_t| e_t + l2 |v|/|e_t'| e_t'  (Dai et al.'s released rule)
     plain:   delta = -l1 e_t + l2 e_t'
     With `signs`, a neuron whose activation is negative gets the opposite direction: its
@@ -69,16 +55,27 @@ def deltas(model, neurons: list[Neuron], old_id: int, new_id: int, rule: str, la
     return out
 
 
+class Snapshot:
+    """Value slots as they are now; `restore()` puts them back bit for bit."""
+
+    def __init__(self, model, neurons):
+        self.model = model
+        self.saved = {(l, i): arch.value_slots(model, l)[i].clone() for l, i in sorted({tuple(n) for n in neurons})}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for (l, i), v in self.saved.items():
+            arch.value_slots(self.model, l)[i] = v
+
+
 @contextlib.contextmanager
 def restored(model, neurons):
     """Edit value slots inside the block; they are put back bit for bit afterwards."""
-    saved = {(l, i): arch.value_slots(model, l)[i].clone() for l, i in {tuple(n) for n in neurons}}
+    snap = Snapshot(model, neurons)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for (l, i), v in saved.items():
-                arch.value_slots(model, l)[i] = v
+        snap.restore()
 
 
 @torch.no_grad()
@@ -94,8 +91,18 @@ def write(model, ds: dict[Neuron, torch.Tensor], scale: float = 1.0, cap: float 
 
 
 @torch.no_grad()
-def update(model, neurons: list[Neuron], old_id: int, new_id: int, rule: str, lambda1: float, lambda2: float,
-           signs: dict[Neuron, float] | None = None, scale: float = 1.0, cap: float | None = None) -> None:
+def update(
+    model,
+    neurons: list[Neuron],
+    old_id: int,
+    new_id: int,
+    rule: str,
+    lambda1: float,
+    lambda2: float,
+    signs: dict[Neuron, float] | None = None,
+    scale: float = 1.0,
+    cap: float | None = None,
+) -> None:
     write(model, deltas(model, neurons, old_id, new_id, rule, lambda1, lambda2, signs), scale, cap)
 
 
@@ -117,16 +124,18 @@ class Search:
 
 
 @torch.no_grad()
-def search_scale(model, ds: dict[Neuron, torch.Tensor], prompts, new_id: int, scales: list[float],
-                 need: float = 1.0, cap: float | None = None) -> Search:
+def search_scale(
+    model, ds: dict[Neuron, torch.Tensor], prompts, new_id: int, scales: list[float], need: float = 1.0, cap: float | None = None
+) -> Search:
     """Write the smallest scale of `scales` at which >= `need` of `prompts` answer new_id.
 
     Each try is undone by copying back the touched rows, so the slots are bit-identical to
     the start until the final write. None works: the largest scale is written (ok=False)."""
+
     def rate_at(s):
         with restored(model, ds):
             write(model, ds, s, cap)
-            return verify.rate(int(verify.predict(model, p).argmax()) == new_id for p in prompts)
+            return prediction.rate(int(prediction.predict(model, p).argmax()) == new_id for p in prompts)
 
     r = 0.0
     for k, s in enumerate(scales, 1):

@@ -1,0 +1,54 @@
+"""The locate step: attribution on each prompt of each fact, coarse sets per prompt, then the
+refined neurons per fact (one adaptive share per group of facts located together)."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from . import attribution
+from .neurons import Located, choose_share, coarse, finish
+
+
+def locate_fact(model, fact, method, dtype=None) -> Located:
+    """One fact (plan.batch.Fact): per prompt attribution scores, coarse sets and activations.
+    method: spec.Locate."""
+    sets, total, acts = [], None, None
+    for p in fact.prompts:
+        s = attribution.scores(model, p, fact.target_id, method.steps, method.engine, dtype)
+        a, _ = attribution.clean_activations(model, p)
+        sets.append(coarse(s, method.threshold))
+        total = s if total is None else total + s
+        acts = a if acts is None else acts + a
+    n = len(fact.prompts)
+    seen = sorted({x for s in sets for x in s})
+    return Located(
+        subject=fact.subject,
+        target=fact.target,
+        prompts=[p.text for p in fact.prompts],
+        coarse=sets,
+        score={x: float(total[x]) / n for x in seen},
+        activation={x: float(acts[x]) / n for x in seen},
+    )
+
+
+def locate(model, edits, method, dtype=None, store=None) -> None:
+    """Fill in each edit's `located` (spec.Method `method`). With `store` (a locate.cache.Cache),
+    facts found there are not recomputed and new ones are stored."""
+
+    def one(f):
+        return store.locate(model, f, method.locate, dtype) if store is not None else locate_fact(model, f, method.locate, dtype)
+
+    groups = [g for e in edits for g in e.locate_groups() if g]
+    r = method.refine
+    with tqdm(total=sum(len(f.prompts) for g in groups for f in g), desc="locating neurons", unit="prompt", disable=None) as bar:
+        for e in edits:
+            e.located = []
+            for group in e.locate_groups():
+                if not group:
+                    continue
+                found = []
+                for f in group:
+                    found.append(one(f))
+                    bar.update(len(f.prompts))
+                finish(found, choose_share(found, r.share, r.share_step, *r.target_neurons, r.adaptive_share))
+                e.located += found

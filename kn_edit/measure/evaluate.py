@@ -1,0 +1,178 @@
+"""The verify step: answers measured before and after the edits, interventions on the located
+neurons, and a random-neuron control for each edit.
+
+- suppression / amplification: relative change of p(gold) when a fact's neurons are set to 0 /
+  doubled at the answer position (on the base model);
+- the control: per edit, as many random neurons from the same layers, drawn from the spec's
+  seed, edited with the same rule; every metric is computed for it the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..apply import rules
+from ..apply.write import write
+from ..locate import attribution
+from ..model import arch
+from ..plan.prompts import Prompt
+from . import predict as prediction
+from .metrics import Seen, average, consistency, edit_metrics, mean, rel_change
+
+Neuron = tuple[int, int]
+
+
+@dataclass
+class EditResult:
+    """What verification found for one edit."""
+
+    intervention: tuple = (None, None)  # (suppression, amplification) of its located neurons, base model
+    intervention_control: tuple = (None, None)  # the same for random neurons
+    control_runs: list[dict] = field(default_factory=list)  # metrics of the control, per draw
+    metrics: dict | None = None
+    control: dict | None = None  # mean over the draws
+
+
+def _wanted(edits) -> dict[Prompt, set[int]]:
+    want = defaultdict(set)
+    for e in edits:
+        pr = e.probe
+        for f in pr.facts + pr.intra + pr.inter:
+            for p in f.prompts:
+                want[p].add(f.target_id)
+                if pr.new_id is not None and f in pr.facts:
+                    want[p].add(pr.new_id)
+    return want
+
+
+@torch.no_grad()
+def measure(model, edits) -> Seen:
+    """Top-1 and the watched probabilities on every prompt the edits' probes name."""
+    seen = {}
+    for p, ids in _wanted(edits).items():
+        probs = prediction.predict(model, p)
+        seen[p.ids] = (int(probs.argmax()), {i: float(probs[i]) for i in sorted(ids)})
+    return seen
+
+
+def _by_layer(neurons) -> dict[int, list[int]]:
+    out = defaultdict(list)
+    for l, i in neurons:
+        out[int(l)].append(int(i))
+    return out
+
+
+@torch.no_grad()
+def scaled_p(model, prompt: Prompt, neurons, factor: float, target: int) -> float:
+    """p(target) with the neurons' activations at the answer position multiplied by factor."""
+
+    def fn(idx):
+        def scale(x):
+            x = x.clone()
+            x[:, prompt.pos, idx] *= factor
+            return x
+
+        return scale
+
+    with contextlib.ExitStack() as stack:
+        for layer, idx in _by_layer(neurons).items():
+            stack.enter_context(attribution.patched(model, layer, fn(idx)))
+        return float(prediction.predict(model, prompt)[target])
+
+
+def intervention(model, fact, neurons, before: Seen) -> tuple[float | None, float | None]:
+    """(suppression, amplification): mean relative change of p(gold) over the fact's prompts."""
+    if not neurons:
+        return None, None
+    out = []
+    for factor in (0.0, 2.0):
+        out.append(
+            mean(
+                rel_change(before[p.ids][1][fact.target_id], scaled_p(model, p, neurons, factor, fact.target_id))
+                for p in fact.prompts
+            )
+        )
+    return out[0], out[1]
+
+
+def mean_pairs(pairs):
+    return tuple(mean(x[i] for x in pairs if x[i] is not None) for i in range(2)) if pairs else (None, None)
+
+
+# ---- the random-neuron control ----------------------------------------------------------
+
+
+def draw(neurons, n_per_layer: int, rng: random.Random, exclude=()) -> list[Neuron]:
+    """As many neurons per layer as `neurons` has, drawn uniformly from that layer without the
+    excluded (the real) ones."""
+    exclude = {tuple(x) for x in exclude}
+    out = []
+    for layer, idx in sorted(_by_layer(neurons).items()):
+        choices = [i for i in range(n_per_layer) if (layer, i) not in exclude]
+        out += [(layer, i) for i in rng.sample(choices, len(idx))]
+    return sorted(out)
+
+
+def rng_for(seed: int, edit: int, draw_no: int, what: str = "edit") -> random.Random:
+    return random.Random(f"kn-edit-control:{seed}:{edit}:{draw_no}:{what}")
+
+
+def control_neurons(model, edited, seed: int, draws: int) -> list[list[list[Neuron]]]:
+    """[draw][edit] -> random neurons matched to edited[edit]."""
+    n = arch.shape(model)[1]
+    return [[draw(e, n, rng_for(seed, k, d), e) for k, e in enumerate(edited)] for d in range(draws)]
+
+
+def _control(model, edits, before: Seen, erase_method, unk, seed: int, draws: int) -> None:
+    """Per draw, per edit: the metrics of the spec's edits done on random neurons instead,
+    applied in spec order like the real ones, on the base model (restored afterwards)."""
+    for sets in control_neurons(model, [e.neurons for e in edits], seed, draws):
+        with rules.restored(model, [x for s in sets for x in s]):
+            for e, s in zip(edits, sets, strict=True):
+                write(model, e, s, erase_method, unk)
+            after = measure(model, edits)
+        for e in edits:
+            e.result.control_runs.append(edit_metrics(e.probe, before, after))
+
+
+def measure_base(model, edits, method, unk, seed: int, draws: int) -> Seen:
+    """Everything measured on the base model: the answers before, suppression/amplification
+    (located and random neurons) and the control edits. Leaves the model as it found it."""
+    before = measure(model, edits)
+    n = arch.shape(model)[1]
+    for k, e in enumerate(edits):
+        e.result = EditResult()
+        real, rand = [], []
+        for j, f in enumerate(e.probe.facts):
+            ns = e.located[j].neurons
+            real.append(intervention(model, f, ns, before))
+            rand.append(
+                mean_pairs(
+                    [intervention(model, f, draw(ns, n, rng_for(seed, k, d, f"fact{j}"), ns), before) for d in range(draws)]
+                )
+            )
+        e.result.intervention = mean_pairs(real)
+        e.result.intervention_control = mean_pairs(rand)
+    _control(model, edits, before, method.erase, unk, seed, draws)
+    return before
+
+
+def judge(edits, before: Seen, after: Seen) -> None:
+    """Each edit's metrics and control from the answers before and after."""
+    for e in edits:
+        r = e.result
+        m = edit_metrics(e.probe, before, after)
+        m["suppression"], m["amplification"] = r.intervention
+        coarse = [f.coarse for f in (e.located[:1] if e.kind == "update" else e.located)]
+        m["consistency"] = mean(c for c in (consistency(s) for s in coarse) if c is not None)
+        m["neurons"] = len(e.neurons)
+        c = average(r.control_runs) if r.control_runs else None
+        if c is not None:
+            c["suppression"], c["amplification"] = r.intervention_control
+            c["neurons"] = len(e.neurons)
+        r.metrics, r.control = m, c

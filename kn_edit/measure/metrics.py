@@ -1,0 +1,151 @@
+"""The paper's metrics as plain formulas over measured answers (Dai et al., 2022, sec. 5).
+
+Measured on the same prompts before and after the edits:
+- update: change rate, success rate, generalization (held-out prompts), mean shift of p(t)
+  and p(t'), perplexity exp(mean -log p(gold)) on neighbour facts of the same relation (intra)
+  and of other relations (inter), before and after;
+- erase: top-1 accuracy and perplexity on the erased relation's facts and on other relations';
+- suppression / amplification (measure/evaluate.py) and neuron statistics (the paper's Table 2).
+Relative changes are after / before - 1. "Seen" answers: prompt ids -> (top-1 id, {token id: p}).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from itertools import combinations
+
+from ..spec import GATE_METRICS
+
+Seen = dict  # prompt ids -> (top-1 id, {token id: probability})
+
+
+def mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def perplexity(probs) -> float | None:
+    """exp(mean of -log p) over the gold probabilities of a set of prompts."""
+    m = mean(-math.log(max(p, 1e-45)) for p in probs)
+    return None if m is None else math.exp(m)
+
+
+def rel_change(before, after) -> float | None:
+    if before is None or after is None or before == 0:
+        return None
+    return after / before - 1.0
+
+
+def jaccard(a, b) -> float:
+    a, b = set(map(tuple, a)), set(map(tuple, b))
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def consistency(coarse_sets) -> float | None:
+    """Mean pairwise overlap of the neuron sets of a fact's prompts."""
+    return mean(jaccard(a, b) for a, b in combinations(coarse_sets, 2))
+
+
+def _rows(facts, seen):
+    for f in facts:
+        for p in f.prompts:
+            top, ps = seen[p.ids]
+            yield f, p, top, ps
+
+
+def update_metrics(pr, before: Seen, after: Seen) -> dict:
+    f = pr.facts[0]
+    b = list(_rows(pr.facts, before))
+    a = list(_rows(pr.facts, after))
+    held = [k in pr.held[0] for k in range(len(f.prompts))]
+    success = [x[2] == pr.new_id for x in a]
+    ppl = lambda facts, seen: perplexity(ps[f_.target_id] for f_, _, _, ps in _rows(facts, seen))
+    m = {
+        "change_rate": mean(x[2] != y[2] for x, y in zip(b, a)),
+        "success_rate": mean(success),
+        "generalization": mean(s for s, h in zip(success, held) if h),
+        "p_target_shift": mean(y[3][f.target_id] - x[3][f.target_id] for x, y in zip(b, a)),
+        "p_new_shift": mean(y[3][pr.new_id] - x[3][pr.new_id] for x, y in zip(b, a)),
+    }
+    for name, facts in (("intra", pr.intra), ("inter", pr.inter)):
+        m[f"{name}_ppl_before"], m[f"{name}_ppl_after"] = ppl(facts, before), ppl(facts, after)
+        m[f"{name}_ppl_change"] = rel_change(m[f"{name}_ppl_before"], m[f"{name}_ppl_after"])
+    return m
+
+
+def _acc_ppl(facts, seen):
+    rows = list(_rows(facts, seen))
+    return mean(top == f.target_id for f, _, top, _ in rows), perplexity(ps[f.target_id] for f, _, _, ps in rows)
+
+
+def erase_metrics(pr, before: Seen, after: Seen) -> dict:
+    m = {}
+    for name, facts in (("", pr.facts), ("other_", pr.inter)):
+        (ab, pb), (aa, pa) = _acc_ppl(facts, before), _acc_ppl(facts, after)
+        m.update(
+            {
+                f"{name}accuracy_before": ab,
+                f"{name}accuracy_after": aa,
+                f"{name}accuracy_change": None if ab is None or aa is None else aa - ab,
+                f"{name}ppl_before": pb,
+                f"{name}ppl_after": pa,
+                f"{name}ppl_change": rel_change(pb, pa),
+            }
+        )
+    return m
+
+
+def edit_metrics(pr, before: Seen, after: Seen) -> dict:
+    return update_metrics(pr, before, after) if pr.kind == "update" else erase_metrics(pr, before, after)
+
+
+def average(dicts: list[dict]) -> dict:
+    keys = dicts[0].keys() if dicts else []
+    return {k: mean(d[k] for d in dicts if d[k] is not None) for k in keys}
+
+
+def neuron_stats(groups: list[tuple[str, list[list]]]) -> dict:
+    """groups: (relation, [neurons of each located fact]). Table 2 of the paper: neurons per
+    fact, layer distribution, mean number of shared neurons between two facts of the same
+    relation and of different relations."""
+    facts = [(rel, {tuple(n) for n in ns}) for rel, fs in groups for ns in fs]
+    layers = Counter(l for _, ns in facts for l, _ in ns)
+    same = [len(a & b) for (r1, a), (r2, b) in combinations(facts, 2) if r1 == r2]
+    other = [len(a & b) for (r1, a), (r2, b) in combinations(facts, 2) if r1 != r2]
+    return {
+        "neurons_per_fact": mean(len(ns) for _, ns in facts),
+        "layers": {str(l): c for l, c in sorted(layers.items())},
+        "overlap_same_relation": mean(same),
+        "overlap_other_relation": mean(other),
+    }
+
+
+def _agg(per_edit: list[tuple[str, dict | None]]) -> dict:
+    ups = [m for k, m in per_edit if k == "update" and m is not None]
+    ers = [m for k, m in per_edit if k == "erase" and m is not None]
+    out = {}
+    for prefix, group in (("", ups), ("erase_", ers)):
+        for key in group[0].keys() if group else []:
+            if key in ("suppression", "amplification", "consistency", "neurons"):
+                continue
+            out[prefix + key] = mean(g[key] for g in group if g[key] is not None)
+    both = ups + ers
+    for key in ("suppression", "amplification", "consistency"):
+        out[key] = mean(g[key] for g in both if g.get(key) is not None)
+    return out
+
+
+def aggregate(edits) -> dict:
+    """The batch's aggregate metrics (means over update edits, over erase edits prefixed erase_),
+    the same for the control, and the neuron statistics."""
+    agg = _agg([(e.kind, e.result.metrics) for e in edits])
+    has_control = any(e.result.control for e in edits)
+    ctrl = _agg([(e.kind, e.result.control) for e in edits]) if has_control else {}
+    ctrl.pop("consistency", None)
+    for name in GATE_METRICS:
+        agg.setdefault(name, None)
+    s, c = agg.get("success_rate"), ctrl.get("success_rate")
+    agg["success_over_control"] = None if s is None or c is None else s - c
+    groups = [(e.relation, [f.neurons for f in e.located]) for e in edits]
+    return {**agg, "neurons": neuron_stats(groups), "control": ctrl}

@@ -1,0 +1,219 @@
+"""A spec made concrete for one tokenizer: one record per edit (`Edit`), which every later step
+fills in: locate (`located`), choose (`neurons`, `written`), verify (`probe`, `result`).
+
+Every tokenizer-level problem (a causal prompt whose [Y] is not at the end, a target that is
+not one token) is reported with its field path, before any model weights are loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import SpecError
+from ..locate.neurons import Located, Neuron
+from ..model import load as loading
+from ..spec import Spec
+from ..spec import load as load_spec
+from .prompts import Prompt, PromptError, encode, target_id
+
+
+@dataclass
+class Fact:
+    """A fact's prompts and target token for one tokenizer."""
+
+    subject: str
+    target: str
+    target_id: int
+    prompts: list[Prompt]
+
+    def first(self, n: int) -> Fact:
+        return Fact(self.subject, self.target, self.target_id, self.prompts[:n])
+
+
+@dataclass
+class Written:
+    """How an update's value slots were written."""
+
+    rule: str
+    lambda1: float
+    lambda2: float
+    sign_aware: bool
+    scale: float
+    norm_cap: float | None
+    scale_searched: bool = False
+    scale_reached: bool | None = None  # search only: False when no scale of the grid worked
+
+
+@dataclass
+class Edit:
+    """One edit of the spec, as it goes through the steps."""
+
+    index: int
+    kind: str  # update | erase
+    relation: str
+    where: str  # field path of the edit in the spec
+    facts: list[Fact]  # update: the edited fact first, then relation_facts; erase: the relation's facts
+    new_target: str | None = None
+    new_id: int | None = None
+    skipped: dict | None = None  # source: pararel: templates and facts the model cannot use
+    held_out: int = 0  # update: the last held_out prompts of the edited fact are not used to locate
+    # locate: per fact of `facts` (the edited fact on its located prompts only)
+    located: list[Located] = field(default_factory=list)
+    # choose
+    neurons: list[Neuron] = field(default_factory=list)  # the value slots the edit writes
+    dropped_shared: list[Neuron] = field(default_factory=list)  # update: left out by the relation filter
+    written: Written | None = None  # update: rule, lambdas, scale
+    # verify
+    probe: object | None = None  # measure.probes.Probe
+    result: object | None = None  # measure.evaluate.EditResult
+
+    @property
+    def fact(self) -> Fact:
+        return self.facts[0]
+
+    @property
+    def shown(self) -> list[Fact]:
+        """The facts the edit is judged on: the updated fact, or all erased facts."""
+        return self.facts[:1] if self.kind == "update" else self.facts
+
+    def locate_groups(self) -> list[list[Fact]]:
+        """Facts located together (they share one adaptive share): an update's fact, less its
+        held-out prompts, and its relation_facts separately; an erase's facts together."""
+        if self.kind == "update":
+            return [[self.fact.first(len(self.fact.prompts) - self.held_out)], self.facts[1:]]
+        return [self.facts]
+
+
+@dataclass
+class Batch:
+    """Everything known before the weights are loaded: the spec, the tokenizer and the edit records."""
+
+    spec: Spec
+    text: str  # the spec file verbatim
+    file: str
+    source: loading.Source
+    tok: object
+    causal: bool
+    edits: list[Edit]
+    extra: list[tuple[str, Fact]] = field(default_factory=list)  # verify.facts: (relation, fact)
+    pararel: str | None = None  # the PARAREL directory source: pararel edits were read from
+
+
+def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = None, file=None) -> Batch:
+    """A spec file (or a Spec, with the text it came from and its file) checked against its model's
+    tokenizer; no weights are loaded."""
+    if isinstance(spec, Spec):
+        file = str(file or "<spec>")
+        if text is None:
+            text = yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False, allow_unicode=True)
+    else:
+        file = str(spec)
+        spec, text = load_spec(spec)
+    src = loading.resolve(spec.model.name, spec.model.revision)
+    tok = loading.load_tokenizer(src)
+    causal = loading.is_causal(src)
+    edits, used = make(spec, tok, causal, file, pararel_dir)
+    return Batch(spec, text, file, src, tok, causal, edits, facts_of_verify(spec, tok, causal, file), used)
+
+
+def fact(tok, causal, subject, target, texts, where, problems) -> Fact | None:
+    prompts, tid = [], None
+    for i, text in enumerate(texts):
+        try:
+            p = encode(tok, text, causal)
+            prompts.append(p)
+            tid = target_id(tok, p, target, causal)
+        except PromptError as e:
+            problems.append((f"{where}[{i}]", str(e)))
+    return Fact(subject, target, tid, prompts) if tid is not None and len(prompts) == len(texts) else None
+
+
+def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tuple[list[Edit], str | None]:
+    """The edit records, and the PARAREL directory that `source: pararel` edits were read from."""
+    from . import pararel
+
+    spec, skipped, used = pararel.expand(spec, tok, causal, pararel_dir, file)
+    problems: list[tuple[str, str]] = []
+    out = []
+    for k, edit in enumerate(spec.edits):
+        base = f"edits[{k}].{edit.kind}"
+        if edit.update is not None:
+            u = edit.update
+            field_name = "templates" if u.templates is not None else "prompts"
+            main = fact(tok, causal, u.subject or "", u.target, u.fact_prompts(), f"{base}.{field_name}", problems)
+            new_id = None
+            if main is not None:
+                try:
+                    new_id = target_id(tok, main.prompts[0], u.new_target, causal)
+                except PromptError as e:
+                    problems.append((f"{base}.new_target", str(e)))
+            others = [
+                fact(tok, causal, f.subject, f.target, u.fact_prompts(f.subject), f"{base}.relation_facts[{j}]", problems)
+                for j, f in enumerate(u.relation_facts)
+            ]
+            out.append(
+                Edit(
+                    k,
+                    "update",
+                    u.relation,
+                    base,
+                    [main, *others],
+                    u.new_target,
+                    new_id,
+                    skipped[k],
+                    held_out=spec.verify.held_out,
+                )
+            )
+        else:
+            e = edit.erase
+            facts = [
+                fact(
+                    tok,
+                    causal,
+                    f.subject,
+                    f.target,
+                    [t.replace("[X]", f.subject) for t in e.templates],
+                    f"{base}.facts[{j}]",
+                    problems,
+                )
+                for j, f in enumerate(e.facts)
+            ]
+            out.append(Edit(k, "erase", e.relation, base, facts, skipped=skipped[k]))
+    if problems:
+        raise SpecError(file, problems)
+    if any(e.kind == "erase" for e in out) and spec.method.erase.value == "unk" and getattr(tok, "unk_token_id", None) is None:
+        raise SpecError(
+            file,
+            [
+                (
+                    "method.erase.value",
+                    "unk: this model's tokenizer has no unknown token to erase with; "
+                    "use value: zero (flat form: erase_value: zero)",
+                )
+            ],
+        )
+    h = spec.verify.held_out
+    problems = [
+        ("verify.held_out", f"{e.where} has {len(e.fact.prompts)} prompts; held_out {h} must leave at least one for locating")
+        for e in out
+        if e.kind == "update" and h >= len(e.fact.prompts)
+    ]
+    if problems:
+        raise SpecError(file, problems)
+    return out, None if used is None else str(used)
+
+
+def facts_of_verify(spec: Spec, tok, causal, file="<spec>") -> list[tuple[str, Fact]]:
+    """verify.facts encoded for this tokenizer: (relation, fact)."""
+    problems, out = [], []
+    for i, g in enumerate(spec.verify.facts):
+        for j, f in enumerate(g.facts):
+            texts = [t.replace("[X]", f.subject) for t in g.templates]
+            pf = fact(tok, causal, f.subject, f.target, texts, f"verify.facts[{i}].facts[{j}]", problems)
+            if pf is not None:
+                out.append((g.relation, pf))
+    if problems:
+        raise SpecError(file, problems)
+    return out
