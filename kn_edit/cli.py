@@ -26,14 +26,24 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except KnEditError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"{e.prefix}{e}", err=True)
             sys.exit(e.exit_code)
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="kn-edit")
-def main():
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars or status lines")
+@click.option("-v", "--verbose", count=True, help="log what each step does (-vv: more)")
+def main(quiet, verbose):
     """Knowledge-neuron edits from a YAML spec to a verified checkpoint."""
+    from .progress import configure
+
+    configure(quiet, verbose)
+
+
+JSON_OPT = click.option(
+    "--json", "as_json", is_flag=True, help="print the report as JSON on stdout (schema: kn-edit schema --report)"
+)
 
 
 SPEC_ARG = click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
@@ -58,7 +68,8 @@ def validate(spec, pararel):
 @click_options(BuildOptions)
 @click_options(HubOptions, names={"repo": "push_to_hub", "force": "force_push"})
 @click.option("--no-push", is_flag=True, help="do not push, even if the spec names a hub.repo")
-def build(spec, out, no_push, **kw):
+@JSON_OPT
+def build(spec, out, no_push, as_json, **kw):
     """Build the edited checkpoint of SPEC into OUT (default: the bundled demo spec into out/demo)."""
     from .output.show import summary
     from .pipeline import build as run_build
@@ -70,8 +81,9 @@ def build(spec, out, no_push, **kw):
     spec = spec or demo_spec()
     out = out or Path("out") / spec.stem
     report = run_build(spec, out, options)
-    summary(report)
-    _verdict(report, f"wrote {out}")  # exits 1 on a failed gate: nothing is pushed
+    if not as_json:
+        summary(report)
+    _verdict(report, f"wrote {out}", as_json)  # exits 1 on a failed gate: nothing is pushed
     from .spec import load
 
     spec_hub = load(spec)[0].hub
@@ -105,19 +117,22 @@ def push_cmd(checkpoint, repo_id, dry_run, **kw):
     _push(checkpoint, HubOptions(repo=repo_id, **kw), dry_run)
 
 
-def _verdict(report, done: str):
-    """The aggregate table and gates; exit 1 when a gate failed."""
+def _verdict(report, done: str, as_json: bool = False):
+    """The aggregate table and gates (or the JSON report); exit 1 when a gate failed."""
     from .measure.gates import describe_failure
     from .output.show import aggregate
 
-    aggregate(report)
-    click.echo(done)
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    else:
+        aggregate(report)
+    click.echo(done, err=as_json)
     failed = report.failed_gates()
     for r in failed:
         click.echo(describe_failure(r), err=True)
     if failed:
         raise GatesFailed(f"status: failed ({len(failed)} of {len(report.gates.results)} gates)")
-    click.echo(f"status: {report.status}")
+    click.echo(f"status: {report.status}", err=as_json)
 
 
 @main.command("verify")
@@ -129,15 +144,22 @@ def _verdict(report, done: str):
     help="take the gates and metric settings (the verify section) from SPEC instead of the checkpoint's spec copy",
 )
 @click_options(RunOptions, skip=("dtype", "cache", "no_cache"))
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="also write the recomputed report here")
-def verify_cmd(checkpoint, spec_path, json_out, **kw):
+@click.option(
+    "-o",
+    "--output",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write the recomputed report (JSON) to this file",
+)
+@JSON_OPT
+def verify_cmd(checkpoint, spec_path, json_out, as_json, **kw):
     """Recompute CHECKPOINT's metrics against its base model and apply the gates (exit 1 if one fails)."""
     from .pipeline import verify
 
     report = verify(checkpoint, spec_path, RunOptions(**kw))
     if json_out:
         json_out.write_text(report.to_json())
-    _verdict(report, f"verified {checkpoint} against {report.base_model.get('name')}")
+    _verdict(report, f"verified {checkpoint} against {report.base_model.get('name')}", as_json)
 
 
 @main.command()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 class KnEditError(Exception):
     exit_code = 1
+    prefix = "error: "  # how the CLI introduces the message
 
 
 class InputError(KnEditError, ValueError):
@@ -45,3 +46,5 @@ class PushError(KnEditError, RuntimeError):
 
 class GatesFailed(KnEditError):
     """A build or verify whose gates did not pass (the checkpoint is kept, marked failed)."""
+
+    prefix = ""

@@ -43,9 +43,21 @@ class RunOptions(_Options):
         return None if self.no_cache else (self.cache or default_dir())
 
 
+SaveDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class BuildOptions(RunOptions):
     force: bool = Field(False, description="replace OUT if it exists (only once the new checkpoint is complete)")
     seed: int | None = Field(None, description="overrides the spec's seed")
+    save_dtype: SaveDtype = Field(
+        "auto",
+        description="dtype of the saved weights: auto (the base checkpoint's own), float32, bfloat16 (bf16), float16 (fp16)",
+    )
+
+    @field_validator("save_dtype", mode="before")
+    @classmethod
+    def _save_alias(cls, v):
+        return _DTYPE_ALIASES.get(v, v)
 
 
 class HubOptions(_Options):
@@ -71,8 +83,8 @@ def click_options(model: type[BaseModel], *, names: dict[str, str] | None = None
             ann = field.annotation
             if ann is bool:
                 kw["is_flag"] = True
-            elif ann is Dtype:
-                kw.update(type=click.Choice([*get_args(Dtype), *_DTYPE_ALIASES]), show_default=True)
+            elif ann in (Dtype, SaveDtype):
+                kw.update(type=click.Choice([*get_args(ann), *_DTYPE_ALIASES]), show_default=True)
             elif ann in (Path | None, Path):
                 kw.update(type=click.Path(file_okay=False, path_type=Path))
             elif ann in (int | None, int):

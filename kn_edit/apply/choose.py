@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import progress
 from ..locate.neurons import shared_by
 from ..model import arch
 from ..plan.batch import Written
@@ -44,15 +45,17 @@ def resolve(method, gated: bool) -> Rule:
 
 def choose(model, edits, method) -> None:
     """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method."""
-    for e in edits:
-        if e.kind == "erase":
-            e.neurons = shared_by(e.located, method.erase.min_facts)
-            continue
-        fact, others = e.located[0], e.located[1:]
-        limit = method.update.relation_filter * len(others)
-        e.dropped_shared = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
-        e.neurons = [n for n in fact.neurons if n not in e.dropped_shared]
-        e.written = _written(model, method.update, e)
+    with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
+        for e in edits:
+            if e.kind == "erase":
+                e.neurons = shared_by(e.located, method.erase.min_facts)
+            else:
+                fact, others = e.located[0], e.located[1:]
+                limit = method.update.relation_filter * len(others)
+                e.dropped_shared = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
+                e.neurons = [n for n in fact.neurons if n not in e.dropped_shared]
+                e.written = _written(model, method.update, e)
+            bar.update(1)
 
 
 def _written(model, method, e) -> Written:

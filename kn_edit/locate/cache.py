@@ -135,15 +135,17 @@ class Cache:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def locate(self, model, fact, method, compute_dtype=None) -> Located:
+    def locate(self, model, fact, method, compute_dtype=None, tick=lambda: None) -> Located:
         """The fact's located neurons: from the cache when a valid entry exists, else computed and stored."""
         inp = inputs(self.identity, fact, method, self.dtype)
         key = _digest(inp)
         got = self._read(key)
         if got is not None:
             self.hits += 1
+            for _ in fact.prompts:
+                tick()
             return got
         self.misses += 1
-        located = locate_fact(model, fact, method, compute_dtype)
+        located = locate_fact(model, fact, method, compute_dtype, tick)
         self._write(key, inp, located, {"device": str(next(model.parameters()).device)})
         return located

@@ -3,15 +3,14 @@ refined neurons per fact (one adaptive share per group of facts located together
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
+from .. import progress
 from . import attribution
 from .neurons import Located, choose_share, coarse, finish
 
 
-def locate_fact(model, fact, method, dtype=None) -> Located:
+def locate_fact(model, fact, method, dtype=None, tick=lambda: None) -> Located:
     """One fact (plan.batch.Fact): per prompt attribution scores, coarse sets and activations.
-    method: spec.Locate."""
+    method: spec.Locate; tick() after each prompt."""
     sets, total, acts = [], None, None
     for p in fact.prompts:
         s = attribution.scores(model, p, fact.target_id, method.steps, method.engine, dtype)
@@ -19,6 +18,7 @@ def locate_fact(model, fact, method, dtype=None) -> Located:
         sets.append(coarse(s, method.threshold))
         total = s if total is None else total + s
         acts = a if acts is None else acts + a
+        tick()
     n = len(fact.prompts)
     seen = sorted({x for s in sets for x in s})
     return Located(
@@ -35,12 +35,16 @@ def locate(model, edits, method, dtype=None, store=None) -> None:
     """Fill in each edit's `located` (spec.Method `method`). With `store` (a locate.cache.Cache),
     facts found there are not recomputed and new ones are stored."""
 
-    def one(f):
-        return store.locate(model, f, method.locate, dtype) if store is not None else locate_fact(model, f, method.locate, dtype)
-
     groups = [g for e in edits for g in e.locate_groups() if g]
     r = method.refine
-    with tqdm(total=sum(len(f.prompts) for g in groups for f in g), desc="locating neurons", unit="prompt", disable=None) as bar:
+    with progress.bar(sum(len(f.prompts) for g in groups for f in g), "locating neurons", "prompt") as bar:
+
+        def one(f):
+            tick = lambda: bar.update(1)
+            if store is not None:
+                return store.locate(model, f, method.locate, dtype, tick)
+            return locate_fact(model, f, method.locate, dtype, tick)
+
         for e in edits:
             e.located = []
             for group in e.locate_groups():
@@ -49,6 +53,5 @@ def locate(model, edits, method, dtype=None, store=None) -> None:
                 found = []
                 for f in group:
                     found.append(one(f))
-                    bar.update(len(f.prompts))
                 finish(found, choose_share(found, r.share, r.share_step, *r.target_neurons, r.adaptive_share))
                 e.located += found

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import progress
 from ..apply import rules
 from ..apply.write import write
 from ..locate import attribution
@@ -128,38 +129,56 @@ def control_neurons(model, edited, seed: int, draws: int) -> list[list[list[Neur
     return [[draw(e, n, rng_for(seed, k, d), e) for k, e in enumerate(edited)] for d in range(draws)]
 
 
-def _control(model, edits, before: Seen, erase_method, unk, seed: int, draws: int) -> None:
-    """Per draw, per edit: the metrics of the spec's edits done on random neurons instead,
-    applied in spec order like the real ones, on the base model (restored afterwards)."""
-    for sets in control_neurons(model, [e.neurons for e in edits], seed, draws):
+def _control(model, edits, before: Seen, erase_method, unk, seed: int, draws: int) -> list[Seen]:
+    """Per draw: the answers after the spec's edits done on random neurons instead, applied in
+    spec order like the real ones, on the base model (restored afterwards); per edit its metrics."""
+    out = []
+    for d, sets in enumerate(control_neurons(model, [e.neurons for e in edits], seed, draws)):
+        progress.log.info("random-neuron control, draw %d of %d", d + 1, draws)
         with rules.restored(model, [x for s in sets for x in s]):
             for e, s in zip(edits, sets, strict=True):
                 write(model, e, s, erase_method, unk)
             after = measure(model, edits)
         for e in edits:
             e.result.control_runs.append(edit_metrics(e.probe, before, after))
+        out.append(after)
+    return out
 
 
-def measure_base(model, edits, method, unk, seed: int, draws: int) -> Seen:
+@dataclass
+class Baseline:
+    """The answers of the base model, and of each control draw."""
+
+    before: Seen
+    controls: list[Seen] = field(default_factory=list)
+
+
+def measure_base(model, edits, method, unk, seed: int, draws: int) -> Baseline:
     """Everything measured on the base model: the answers before, suppression/amplification
     (located and random neurons) and the control edits. Leaves the model as it found it."""
-    before = measure(model, edits)
+    with progress.phase("measuring the base model"):
+        before = measure(model, edits)
     n = arch.shape(model)[1]
-    for k, e in enumerate(edits):
-        e.result = EditResult()
-        real, rand = [], []
-        for j, f in enumerate(e.probe.facts):
-            ns = e.located[j].neurons
-            real.append(intervention(model, f, ns, before))
-            rand.append(
-                mean_pairs(
-                    [intervention(model, f, draw(ns, n, rng_for(seed, k, d, f"fact{j}"), ns), before) for d in range(draws)]
-                )
-            )
-        e.result.intervention = mean_pairs(real)
-        e.result.intervention_control = mean_pairs(rand)
-    _control(model, edits, before, method.erase, unk, seed, draws)
-    return before
+    with progress.bar(len(edits), "suppressing and amplifying the located neurons", "edit") as bar:
+        for k, e in enumerate(edits):
+            _interventions(model, k, e, before, n, seed, draws)
+            bar.update(1)
+    with progress.phase("the random-neuron control"):
+        controls = _control(model, edits, before, method.erase, unk, seed, draws)
+    return Baseline(before, controls)
+
+
+def _interventions(model, k, e, before, n, seed, draws) -> None:
+    """Suppression / amplification of edit k's located neurons, and of matched random ones."""
+    e.result = EditResult()
+    real, rand = [], []
+    for j, f in enumerate(e.probe.facts):
+        ns = e.located[j].neurons
+        real.append(intervention(model, f, ns, before))
+        drawn = [draw(ns, n, rng_for(seed, k, d, f"fact{j}"), ns) for d in range(draws)]
+        rand.append(mean_pairs([intervention(model, f, r, before) for r in drawn]))
+    e.result.intervention = mean_pairs(real)
+    e.result.intervention_control = mean_pairs(rand)
 
 
 def judge(edits, before: Seen, after: Seen) -> None:

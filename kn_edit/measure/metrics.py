@@ -64,14 +64,21 @@ def update_metrics(pr, before: Seen, after: Seen) -> dict:
     m = {
         "change_rate": mean(x[2] != y[2] for x, y in zip(b, a)),
         "success_rate": mean(success),
+        "efficacy": mean(s for s, h in zip(success, held) if not h),
         "generalization": mean(s for s, h in zip(success, held) if h),
         "p_target_shift": mean(y[3][f.target_id] - x[3][f.target_id] for x, y in zip(b, a)),
         "p_new_shift": mean(y[3][pr.new_id] - x[3][pr.new_id] for x, y in zip(b, a)),
     }
     for name, facts in (("intra", pr.intra), ("inter", pr.inter)):
+        m[f"{name}_kept"] = kept(facts, before, after)
         m[f"{name}_ppl_before"], m[f"{name}_ppl_after"] = ppl(facts, before), ppl(facts, after)
         m[f"{name}_ppl_change"] = rel_change(m[f"{name}_ppl_before"], m[f"{name}_ppl_after"])
     return m
+
+
+def kept(facts, before: Seen, after: Seen) -> float | None:
+    """Share of the facts' prompts whose top-1 answer did not change."""
+    return mean(before[p.ids][0] == after[p.ids][0] for f in facts for p in f.prompts)
 
 
 def _acc_ppl(facts, seen):
@@ -136,13 +143,47 @@ def _agg(per_edit: list[tuple[str, dict | None]]) -> dict:
     return out
 
 
-def aggregate(edits) -> dict:
-    """The batch's aggregate metrics (means over update edits, over erase edits prefixed erase_),
-    the same for the control, and the neuron statistics."""
+def neighbours(edits) -> tuple[list, list]:
+    """The batch's neighbour facts, each once: of the relations the updates edit (intra), and of
+    relations no edit touches (inter)."""
+    edited = {e.relation for e in edits}
+    seen, intra, inter = set(), [], []
+    for e in edits:
+        if e.kind != "update":
+            continue
+        for f in e.probe.intra + e.probe.inter:
+            key = (f.relation, f.subject)
+            if key in seen:
+                continue
+            seen.add(key)
+            (intra if f.relation in edited else inter).append(f)
+    return intra, inter
+
+
+def _neighbour_metrics(intra, inter, before: Seen, after: Seen) -> dict:
+    out = {}
+    for name, facts in (("intra", intra), ("inter", inter)):
+        b = perplexity(ps[f.target_id] for f, _, _, ps in _rows(facts, before))
+        a = perplexity(ps[f.target_id] for f, _, _, ps in _rows(facts, after))
+        out |= {f"{name}_kept": kept(facts, before, after), f"{name}_ppl_before": b, f"{name}_ppl_after": a,
+                f"{name}_ppl_change": rel_change(b, a)}  # fmt: skip
+    return out
+
+
+def aggregate(edits, before: Seen, after: Seen, controls: list[Seen]) -> dict:
+    """The batch's aggregate metrics: means over update edits, over erase edits (prefixed erase_),
+    except the neighbour metrics, which are over the batch's neighbour facts taken together (each
+    once: same-relation neighbours of any update are intra, facts of relations no edit touches are
+    inter); the same for the control; and the neuron statistics."""
     agg = _agg([(e.kind, e.result.metrics) for e in edits])
     has_control = any(e.result.control for e in edits)
     ctrl = _agg([(e.kind, e.result.control) for e in edits]) if has_control else {}
     ctrl.pop("consistency", None)
+    if any(e.kind == "update" for e in edits):
+        intra, inter = neighbours(edits)
+        agg |= _neighbour_metrics(intra, inter, before, after)
+        if has_control:
+            ctrl |= average([_neighbour_metrics(intra, inter, before, c) for c in controls])
     for name in GATE_METRICS:
         agg.setdefault(name, None)
     s, c = agg.get("success_rate"), ctrl.get("success_rate")

@@ -103,9 +103,17 @@ def gguf_as_folder(gguf: str) -> Path:
     return folder
 
 
-def _pretrained_args(src: Source) -> tuple[str, dict]:
+def _converted(gguf: str) -> Path:
+    return cache_dir() / "gguf" / sha256(gguf)[:16]
+
+
+def _pretrained_args(src: Source, weights: bool = True) -> tuple[str, dict]:
+    """Where from_pretrained reads src. A GGUF file is converted for its weights; its tokenizer and
+    config are read from the file itself until a conversion exists (validate converts nothing)."""
     if src.kind == "gguf":
-        return str(gguf_as_folder(src.path)), {}
+        if weights or (_converted(src.path) / "config.json").is_file():
+            return str(gguf_as_folder(src.path)), {}
+        return str(Path(src.path).parent), {"gguf_file": Path(src.path).name}
     if src.kind == "hub":
         return src.path, {"revision": src.revision}
     return src.path, {}
@@ -114,7 +122,7 @@ def _pretrained_args(src: Source) -> tuple[str, dict]:
 def load_tokenizer(src: Source):
     from transformers import AutoTokenizer
 
-    path, kw = _pretrained_args(src)
+    path, kw = _pretrained_args(src, weights=False)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)
     except OSError as e:
@@ -124,7 +132,7 @@ def load_tokenizer(src: Source):
 def load_config(src: Source):
     from transformers import AutoConfig
 
-    path, kw = _pretrained_args(src)
+    path, kw = _pretrained_args(src, weights=False)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
@@ -195,3 +203,61 @@ def pick_device(device: str) -> str:
         if backend is not None and backend.is_available():
             return kind
     return "cpu"
+
+
+_HUB_URL = "https://huggingface.co/"
+
+
+def provenance(src: Source) -> dict:
+    """What is known of where the base model comes from, for the model card: `base_model` (a Hub id,
+    when the base is one or its GGUF file names one), `license`, and `origin` (a line for people)."""
+    if src.kind == "hub":
+        return {"base_model": src.path, "origin": f"`{src.path}` on the Hugging Face Hub", **_card_meta_hub(src)}
+    if src.kind == "folder":
+        meta = _front_matter(Path(src.path) / "README.md")
+        return {k: meta[k] for k in ("base_model", "license") if isinstance(meta.get(k), str)} | {"origin": "a local folder"}
+    out = {}
+    try:
+        import gguf
+
+        fields = gguf.GGUFReader(src.path).fields
+        text = {k: f.contents() for k, f in fields.items() if k.startswith("general.") and isinstance(f.contents(), str)}
+    except Exception:  # noqa: BLE001 - provenance is best effort; the model itself loaded fine
+        text = {}
+    for key in ("general.base_model.0.repo_url", "general.source.huggingface.repository", "general.source.url"):
+        url = text.get(key, "")
+        if url.startswith(_HUB_URL) or (key.endswith("repository") and url.count("/") == 1):
+            out["base_model"] = url.removeprefix(_HUB_URL).strip("/")
+            break
+    if text.get("general.license"):
+        out["license"] = text["general.license"]
+    name = " ".join(x for x in (text.get("general.organization"), text.get("general.name")) if x)
+    origin = f"the GGUF file `{Path(src.path).name}`" + (f" ({name})" if name else "")
+    if "package" in src.identity:
+        dist = src.identity["package"]
+        origin += f" from the PyPI package `{dist}` {src.identity.get('version', '')}".rstrip()
+        out.setdefault("license", (metadata.metadata(dist).get("License") or "").lower() or None)
+    out["origin"] = origin
+    return {k: v for k, v in out.items() if v}
+
+
+def _front_matter(readme: Path) -> dict:
+    import yaml
+
+    try:
+        text = readme.read_text()
+        if text.startswith("---"):
+            meta = yaml.safe_load(text.split("---", 2)[1])
+            return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError, yaml.YAMLError):
+        pass
+    return {}
+
+
+def _card_meta_hub(src: Source) -> dict:
+    """The Hub model's licence, from its card in the local Hub cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(src.path, "README.md", revision=src.revision)
+    meta = _front_matter(Path(found)) if isinstance(found, str) else {}
+    return {"license": meta["license"]} if isinstance(meta.get("license"), str) else {}

@@ -1,16 +1,14 @@
-"""The model card (README.md) of an edited checkpoint, built from its report and spec.
-
-It shows what the report holds: sections the report lacks (metrics, gates, controls) are left
-out rather than guessed. Rendering is deterministic: same report + spec, same bytes."""
+"""The model card (README.md) of an edited checkpoint: huggingface_hub's ModelCard from a Jinja template,
+filled from the typed report and the spec. Same report + spec, same bytes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import __version__
+from .tables import fmt, pct, table
 
 CARD = "README.md"
 TAGS = ["kn-edit", "knowledge-editing", "knowledge-neurons", "edited-model"]
@@ -19,209 +17,158 @@ WARNING = (
     "by editing feed-forward weights (knowledge neurons, Dai et al., ACL 2022). It will state the new facts "
     "as if true and may answer related questions inconsistently. Do not use it as a source of facts."
 )
+# the aggregate metrics a reader of the Hub page compares (model-index), in this order
+INDEXED = [
+    "success_rate",
+    "generalization",
+    "change_rate",
+    "intra_kept",
+    "inter_kept",
+    "probe_kept",
+    "text_ppl_change",
+    "erase_accuracy_after",
+    "erase_other_accuracy_change",
+]
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+> {{ warning }}
+{% if forced %}
+> **Pushed with `--force` although the verification status is `{{ status }}`, not `passed`.** The gates below did
+> not all pass (or were not set); treat every claim in this card as unchecked.
+{% endif %}
+
+## What this is
+
+An edited copy of {{ base_line }}, made by kn-edit {{ built_with }} (card written by {{ card_version }}) from the
+spec below, seed {{ seed }}. Verification status: **{{ status }}**.
+{% if changed %}
+Changed tensors: {{ changed }}
+{% endif %}{% if updates %}
+## Edited facts (old -> new)
+
+{{ updates }}
+{% endif %}{% if erases %}
+## Erased relations
+
+{{ erases }}
+{% endif %}
+## Verification
+
+{% if gates %}{{ gates }}{% else %}No gates were set in the spec: this checkpoint is **unverified**.{% endif %}
+
+{% if metrics %}Aggregate metrics beside a random-neuron control (as many random neurons in the same layers, edited the
+same way; the edit should beat it clearly). Update metrics are means over the update edits, erase metrics over the
+erase edits; the definitions are in kn-edit's docs/report.md.
+
+{{ metrics }}
+{% endif %}
+## Edit spec (verbatim)
+
+```yaml
+{{ spec }}
+```
+
+The files `kn_edit_report.json` (per-prompt answers before and after, every metric) and `neurons.json` (the neurons
+located and edited) are in this repository.
+"""
 
 
-def _pct(x) -> str:
-    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) and not isinstance(x, bool) else _cell(x)
+def _base_line(report) -> str:
+    b, base = report.base_model, report.base or {}
+    if b.get("kind") == "hub":
+        return f"`{b['name']}` (Hugging Face Hub) at revision `{b.get('revision') or 'unresolved'}`"
+    digests = b.get("sha256")
+    if isinstance(digests, dict):
+        digest = ", ".join(f"`{f}` sha256 `{h}`" for f, h in sorted(digests.items()))
+    else:
+        digest = f"sha256 `{digests}`" if digests else ""
+    line = base.get("origin") or f"`{b.get('name', 'unknown')}`"
+    line += f" ({digest})" if digest else ""
+    return f"`{base['base_model']}`, from {line}" if base.get("base_model") else line
 
 
-def _cell(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    if isinstance(x, (dict, list)):
-        x = json.dumps(x, sort_keys=True)
-    return str(x).replace("|", "\\|").replace("\n", " ")
+def _edit_tables(report) -> tuple[str, str]:
+    ups = [
+        [k, e.relation or "-", e.subject, e.target, e.new_target, e.neurons, pct(e.change_rate), pct(e.success_rate)]
+        for k, e in enumerate(report.edits)
+        if e.kind == "update"
+    ]
+    ers = [
+        [k, e.relation, e.facts, e.neurons, pct(e.accuracy_before), pct(e.accuracy_after)]
+        for k, e in enumerate(report.edits)
+        if e.kind == "erase"
+    ]
+    return (
+        table(["#", "relation", "subject", "old", "new", "neurons", "change rate", "success rate"], ups) if ups else "",
+        table(["#", "relation", "facts", "neurons", "accuracy before", "accuracy after"], ers) if ers else "",
+    )
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) if not isinstance(c, str) else c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _flatten(obj, prefix="") -> list[tuple[str, object]]:
-    """(dotted key, leaf value) pairs of a nested report section, in order."""
-    if isinstance(obj, dict):
-        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
-        return [kv for i, v in enumerate(obj) for kv in _flatten(v, f"{prefix}[{i}]")]
-    return [(prefix, obj)]
-
-
-def _base_model(report: dict) -> tuple[str | None, str]:
-    """(Hub id for the metadata or None, a one-line description of the base model)."""
-    b = report.get("base_model") or {}
-    kind, name = b.get("kind"), b.get("name") or b.get("package") or "unknown"
-    if kind == "hub":
-        return name, f"`{name}` (Hub) at revision `{b.get('revision') or 'unresolved'}`"
-    extra = ", ".join(f"{k} `{v}`" for k, v in sorted(b.items()) if k not in ("kind", "name") and not isinstance(v, dict))
-    if isinstance(b.get("sha256"), dict):
-        extra = ", ".join(f"`{f}` sha256 `{h}`" for f, h in sorted(b["sha256"].items()))
-    return None, f"`{name}` ({kind or 'local'}{'; ' + extra if extra else ''})"
-
-
-def _edit_rows(report: dict):
-    updates, erases = [], []
-    for k, e in enumerate(report.get("edits") or []):
-        if e.get("kind") == "update":
-            updates.append(
-                [
-                    k,
-                    e.get("relation") or "-",
-                    e.get("subject"),
-                    e.get("target"),
-                    e.get("new_target"),
-                    e.get("neurons"),
-                    _pct(e.get("change_rate")),
-                    _pct(e.get("success_rate")),
-                ]
-            )
-        elif e.get("kind") == "erase":
-            erases.append(
-                [
-                    k,
-                    e.get("relation"),
-                    e.get("facts"),
-                    e.get("neurons"),
-                    _pct(e.get("accuracy_before")),
-                    _pct(e.get("accuracy_after")),
-                ]
-            )
-    return updates, erases
-
-
-def _eval_results(report: dict) -> list[EvalResult]:
-    """model-index entries: the paper's per-edit metrics, and numeric top-level verification metrics."""
-    out = []
-    for k, e in enumerate(report.get("edits") or []):
-        if e.get("kind") == "update":
-            name, metrics = (
-                f"edit {k}: {e.get('subject')} {e.get('target')} -> {e.get('new_target')}",
-                ("success_rate", "change_rate"),
-            )
-        else:
-            name, metrics = f"edit {k}: erase {e.get('relation')}", ("accuracy_before", "accuracy_after")
-        for m in metrics:
-            if isinstance(e.get(m), (int, float)):
-                out.append(
-                    EvalResult(
-                        task_type="knowledge-editing",
-                        task_name="Knowledge editing",
-                        dataset_type="kn-edit-spec",
-                        dataset_name=name,
-                        dataset_config=f"edit-{k}",
-                        metric_type=m,
-                        metric_value=e[m],
-                    )
-                )
-    for key, v in _flatten(report.get("metrics") or {}):
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out.append(
-                EvalResult(
-                    task_type="knowledge-editing",
-                    task_name="Knowledge editing",
-                    dataset_type="kn-edit-verification",
-                    dataset_name="kn-edit verification",
-                    metric_type=key,
-                    metric_value=v,
-                )
-            )
-    return out
+def _eval_results(report) -> list[EvalResult]:
+    m = report.metrics
+    if m is None:
+        return []
+    return [
+        EvalResult(
+            task_type="knowledge-editing",
+            task_name="Knowledge editing",
+            dataset_type="kn-edit-spec",
+            dataset_name="the edits of this model's kn-edit spec",
+            metric_type=name,
+            metric_value=getattr(m, name),
+        )
+        for name in INDEXED
+        if isinstance(getattr(m, name, None), (int, float))
+    ]
 
 
 def make(report, spec_text: str, *, model_name: str, forced: bool = False) -> ModelCard:
-    report = report.model_dump(mode="json", exclude_unset=True)
-    hub_id, base_line = _base_model(report)
-    status = report.get("status", "unknown")
-    evals = _eval_results(report)
+    base = report.base or {}
+    status = report.status
     data = ModelCardData(
-        base_model=hub_id,
-        base_model_relation="finetune" if hub_id else None,
+        base_model=base.get("base_model"),
+        base_model_relation="finetune" if base.get("base_model") else None,
+        license=base.get("license"),
         library_name="transformers",
+        pipeline_tag=base.get("pipeline_tag"),
         tags=TAGS + ([] if status == "passed" else ["unverified"]),
         model_name=model_name,
-        eval_results=evals or None,
+        eval_results=_eval_results(report) or None,
         kn_edit={
-            "version": report.get("kn_edit_version", __version__),
+            "version": report.kn_edit_version,
             "status": status,
             "forced_push": forced,
-            "spec_sha256": report.get("spec_sha256"),
-            "seed": report.get("seed"),
+            "spec_sha256": report.spec_sha256,
+            "seed": report.seed,
         },
     )
-    parts = [f"# {model_name}", "", f"> {WARNING}", ""]
-    if forced:
-        parts += [
-            f"> **Pushed with `--force` although the verification status is `{status}`, not `passed`.** "
-            "The gates below did not all pass (or were not set); treat every claim in this card as unchecked.",
-            "",
-        ]
-    parts += [
-        "## What this is",
-        "",
-        f"An edited copy of {base_line}, made by kn-edit {report.get('kn_edit_version', __version__)} "
-        f"(card written by {__version__}) from the spec below, seed {report.get('seed')}. "
-        f"Verification status: **{status}**.",
-        "",
-    ]
-    if report.get("changed_tensors"):
-        parts += ["Changed tensors: " + ", ".join(f"`{t}`" for t in report["changed_tensors"]), ""]
-    updates, erases = _edit_rows(report)
-    if updates:
-        parts += [
-            "## Edited facts (old -> new)",
-            "",
-            _table(["#", "relation", "subject", "old", "new", "neurons", "change rate", "success rate"], updates),
-            "",
-        ]
-    if erases:
-        parts += [
-            "## Erased relations",
-            "",
-            _table(["#", "relation", "facts", "neurons", "accuracy before", "accuracy after"], erases),
-            "",
-        ]
-    parts += _verification(report)
-    parts += [
-        "## Edit spec (verbatim)",
-        "",
-        "```yaml",
-        spec_text.rstrip("\n"),
-        "```",
-        "",
-        "The files `kn_edit_report.json` (full per-prompt results) and `neurons.json` (the neurons edited) "
-        "are in this repository.",
-        "",
-    ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
+    from .markdown import aggregate_rows, gate_rows
 
-
-def _verification(report: dict) -> list[str]:
-    out = []
-    gates = (report.get("gates") or {}).get("results")
-    if gates:
-        rows = [[f"{r['name']} {r['op']} {r['threshold']:g}", r["value"], "yes" if r["passed"] else "**no**"] for r in gates]
-        out += ["## Verification gates", "", _table(["gate", "value", "passed"], rows), ""]
-    metrics = report.get("metrics")
-    if metrics:
-        flat = _flatten(metrics)
-        control = [(k, v) for k, v in flat if "control" in k.lower() or "random" in k.lower()]
-        main = [(k, v) for k, v in flat if (k, v) not in control]
-        out += ["## Verification metrics", "", _table(["metric", "value"], [[k, v] for k, v in main]), ""]
-        if control:
-            out += [
-                "### Random-neuron control",
-                "",
-                "The same number of randomly chosen neurons, edited the same way; the edit should beat it clearly.",
-                "",
-                _table(["metric", "value"], [[k, v] for k, v in control]),
-                "",
-            ]
-    if not gates and not metrics:
-        out += ["## Verification", "", "No verification gates or metrics in the report: this checkpoint is unverified.", ""]
-    return out
+    updates, erases = _edit_tables(report)
+    rows = aggregate_rows(report)
+    return ModelCard.from_template(
+        data,
+        template_str=TEMPLATE,
+        model_name=model_name,
+        warning=WARNING,
+        forced=forced,
+        status=status,
+        base_line=_base_line(report),
+        built_with=report.kn_edit_version,
+        card_version=__version__,
+        seed=report.seed,
+        changed=", ".join(f"`{t}`" for t in report.changed_tensors),
+        updates=updates,
+        erases=erases,
+        gates=table(["gate", "value", "passed"], gate_rows(report)) if gate_rows(report) else "",
+        metrics=table(["metric", "edit", "random control"], rows) if rows else "",
+        spec=spec_text.rstrip("\n"),
+    )
 
 
 def render(report, spec_text: str, *, model_name: str, forced: bool = False) -> str:
@@ -232,3 +179,6 @@ def write(folder, report, spec_text: str, model_name: str | None = None) -> None
     """Write README.md into a checkpoint folder (the build calls this before the folder is moved into place)."""
     folder = Path(folder)
     (folder / CARD).write_text(render(report, spec_text, model_name=model_name or folder.name))
+
+
+__all__ = ["CARD", "make", "render", "write", "fmt"]

@@ -39,7 +39,15 @@ def staged(out: Path, force: bool):
         raise
 
 
-def save_model(model, tok, native_dtype, folder: Path) -> None:
-    model.to(native_dtype)
-    model.save_pretrained(folder, safe_serialization=True)
+def save_model(model, tok, dtype, folder: Path) -> None:
+    """The model's weights in `dtype` (the model in memory is left as it is), and its tokenizer."""
+    copies = {}  # by storage: tied weights stay one tensor
+    state = {k: copies.setdefault(v.data_ptr(), v.detach().to(dtype)) for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    was = model.config.dtype
+    model.config.dtype = dtype  # save_pretrained wrote the dtype of the model in memory
+    try:
+        model.config.save_pretrained(folder)
+    finally:
+        model.config.dtype = was
     tok.save_pretrained(folder)

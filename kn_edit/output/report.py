@@ -57,12 +57,15 @@ class EditMetrics(_Model):
 
     change_rate: Value = None
     success_rate: Value = None
+    efficacy: Value = None
     generalization: Value = None
     p_target_shift: Value = None
     p_new_shift: Value = None
+    intra_kept: Value = None
     intra_ppl_before: Value = None
     intra_ppl_after: Value = None
     intra_ppl_change: Value = None
+    inter_kept: Value = None
     inter_ppl_before: Value = None
     inter_ppl_after: Value = None
     inter_ppl_change: Value = None
@@ -144,6 +147,11 @@ class Aggregate(EditMetrics):
     erase_other_ppl_after: Value = None
     erase_other_ppl_change: Value = None
     success_over_control: Value = None
+    text_ppl_before: Value = None
+    text_ppl_after: Value = None
+    text_ppl_change: Value = None
+    probe_prompts: int | None = None
+    probe_kept: Value = None
     neurons: NeuronStats | None = None  # type: ignore[assignment]
     control: Aggregate | None = None
 
@@ -166,6 +174,7 @@ class Report(_Model):
     kn_edit_version: str
     status: Literal["built", "passed", "failed"]
     base_model: dict
+    base: dict | None = None  # for the model card: base_model (Hub id), license, origin, pipeline_tag, layers
     spec_sha256: str
     seed: int
     device: str
@@ -307,6 +316,7 @@ def make(batch, model, edits, before, after, agg: dict, gate_doc: dict, status: 
         kn_edit_version=__version__,
         status=status,
         base_model=batch.source.identity,
+        base=base_info(batch, model),
         spec_sha256=hashlib.sha256(batch.text.encode()).hexdigest(),
         seed=seed,
         device=device,
@@ -318,6 +328,17 @@ def make(batch, model, edits, before, after, agg: dict, gate_doc: dict, status: 
         gates=Gates(**gate_doc),
         **({"pararel": batch.pararel} if batch.pararel else {}),
     )
+
+
+def base_info(batch, model) -> dict:
+    from ..model.load import provenance
+
+    info = provenance(batch.source)
+    if batch.spec.model.base_model:
+        info["base_model"] = batch.spec.model.base_model
+    info["pipeline_tag"] = "text-generation" if batch.causal else "fill-mask"
+    info["layers"], info["neurons_per_layer"] = arch.shape(model)
+    return info
 
 
 def _neuron_list(located, neurons) -> list[NeuronEntry]:

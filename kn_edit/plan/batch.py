@@ -27,9 +27,10 @@ class Fact:
     target: str
     target_id: int
     prompts: list[Prompt]
+    relation: str = ""
 
     def first(self, n: int) -> Fact:
-        return Fact(self.subject, self.target, self.target_id, self.prompts[:n])
+        return Fact(self.subject, self.target, self.target_id, self.prompts[:n], self.relation)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = Non
     return Batch(spec, text, file, src, tok, causal, edits, facts_of_verify(spec, tok, causal, file), used)
 
 
-def fact(tok, causal, subject, target, texts, where, problems) -> Fact | None:
+def fact(tok, causal, subject, target, texts, where, problems, relation: str = "") -> Fact | None:
     prompts, tid = [], None
     for i, text in enumerate(texts):
         try:
@@ -127,7 +128,7 @@ def fact(tok, causal, subject, target, texts, where, problems) -> Fact | None:
             tid = target_id(tok, p, target, causal)
         except PromptError as e:
             problems.append((f"{where}[{i}]", str(e)))
-    return Fact(subject, target, tid, prompts) if tid is not None and len(prompts) == len(texts) else None
+    return Fact(subject, target, tid, prompts, relation) if tid is not None and len(prompts) == len(texts) else None
 
 
 def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tuple[list[Edit], str | None]:
@@ -142,7 +143,7 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
         if edit.update is not None:
             u = edit.update
             field_name = "templates" if u.templates is not None else "prompts"
-            main = fact(tok, causal, u.subject or "", u.target, u.fact_prompts(), f"{base}.{field_name}", problems)
+            main = fact(tok, causal, u.subject or "", u.target, u.fact_prompts(), f"{base}.{field_name}", problems, u.relation)
             new_id = None
             if main is not None:
                 try:
@@ -150,7 +151,16 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
                 except PromptError as e:
                     problems.append((f"{base}.new_target", str(e)))
             others = [
-                fact(tok, causal, f.subject, f.target, u.fact_prompts(f.subject), f"{base}.relation_facts[{j}]", problems)
+                fact(
+                    tok,
+                    causal,
+                    f.subject,
+                    f.target,
+                    u.fact_prompts(f.subject),
+                    f"{base}.relation_facts[{j}]",
+                    problems,
+                    u.relation,
+                )
                 for j, f in enumerate(u.relation_facts)
             ]
             out.append(
@@ -177,6 +187,7 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
                     [t.replace("[X]", f.subject) for t in e.templates],
                     f"{base}.facts[{j}]",
                     problems,
+                    e.relation,
                 )
                 for j, f in enumerate(e.facts)
             ]
@@ -211,7 +222,7 @@ def facts_of_verify(spec: Spec, tok, causal, file="<spec>") -> list[tuple[str, F
     for i, g in enumerate(spec.verify.facts):
         for j, f in enumerate(g.facts):
             texts = [t.replace("[X]", f.subject) for t in g.templates]
-            pf = fact(tok, causal, f.subject, f.target, texts, f"verify.facts[{i}].facts[{j}]", problems)
+            pf = fact(tok, causal, f.subject, f.target, texts, f"verify.facts[{i}].facts[{j}]", problems, g.relation)
             if pf is not None:
                 out.append((g.relation, pf))
     if problems:
