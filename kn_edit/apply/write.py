@@ -1,12 +1,16 @@
-"""The apply step: write every edit into the model's value slots, in spec order (each edit reads
-the slots as the earlier ones left them, so two edits touching one slot compose in a fixed order).
-The slots written are saved first, so the whole batch can be undone bit for bit."""
+"""The apply step: write every edit into the model's value slots. Edits written by the batch solve
+are solved together first (apply/solve.py); the others are written after, in spec order, each
+reading the slots as the earlier ones left them (two edits touching one slot compose in a fixed
+order). The slots written are saved first, so the whole batch can be undone bit for bit."""
 
 from __future__ import annotations
 
+from .. import progress
 from ..locate.attribution import clean_activations
 from ..measure.metrics import mean
-from . import rules
+from . import preserve, rules
+from .choose import solves
+from .solve import Goal, Settings, solve
 
 
 def _mean_activation(model, fact, neurons) -> dict:
@@ -15,7 +19,7 @@ def _mean_activation(model, fact, neurons) -> dict:
 
 
 def write(model, e, neurons, erase_method, unk: int | None, activation: dict | None = None) -> None:
-    """Edit record `e` written onto `neurons` the way `e.written` says (rule, lambdas, sign
+    """Edit record `e` written alone onto `neurons` the way `e.written` says (rule, lambdas, sign
     awareness, scale: what was chosen for the real edit). Without `activation` the signs come
     from the fact's prompts (the random-neuron control)."""
     if e.kind == "update":
@@ -28,9 +32,39 @@ def write(model, e, neurons, erase_method, unk: int | None, activation: dict | N
         rules.erase(model, neurons, erase_method.value, unk)
 
 
-def apply(model, edits, method, unk: int | None) -> rules.Snapshot:
-    """Write all edits (method: spec.Method); returns the slots as they were (`.restore()` undoes the batch)."""
-    done = rules.Snapshot(model, [n for e in edits for n in e.neurons])
-    for e in edits:
-        write(model, e, e.neurons, method.erase, unk, e.located[0].activation if e.kind == "update" else None)
+def goals(e) -> list[Goal]:
+    """What the solve asks of edit e: its located prompts answer t' (update), or not t (erase)."""
+    if e.kind == "update":
+        return [Goal(e.fact.prompts[: len(e.fact.prompts) - e.held_out], new_id=e.new_id)]
+    return [Goal(f.prompts, old_id=f.target_id) for f in e.facts]
+
+
+def settings(method, seed: int) -> Settings:
+    s = method.solve
+    return Settings(steps=s.steps, lr=s.lr, keep=s.keep, text=s.text, l2=s.l2, margin=s.margin, sample=s.sample, seed=seed)
+
+
+def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> rules.Snapshot:
+    """Write all edits of `batch` (method: spec.Method); `neurons`: per edit, the slots to write
+    instead of the chosen ones (the random-neuron control). Returns the slots as they were
+    (`.restore()` undoes the batch)."""
+    edits = batch.edits
+    real = neurons is None
+    neurons = [e.neurons for e in edits] if real else neurons
+    done = rules.Snapshot(model, [n for ns in neurons for n in ns])
+    solved = [k for k, e in enumerate(edits) if solves(e, method) and neurons[k]]
+    if solved:
+        columns = sorted({n for k in solved for n in neurons[k]})
+        max_pos = getattr(model.config, "max_position_embeddings", 1 << 16)
+        deltas, stats = solve(model, columns, [g for k in solved for g in goals(edits[k])], preserve.keep_prompts(batch, seed),
+                              preserve.text_windows(batch, max_pos), settings(method, seed), batch.causal)  # fmt: skip
+        progress.log.info("batch solve: %d steps, every edit prompt done: %s", stats.steps, stats.reached)
+        rules.write(model, deltas)
+        if real:
+            batch.solve_stats = stats
+    unk = getattr(batch.tok, "unk_token_id", None)
+    for k, e in enumerate(edits):
+        if k not in solved:
+            activation = e.located[0].activation if real and e.kind == "update" else None
+            write(model, e, neurons[k], method.erase, unk, activation)
     return done

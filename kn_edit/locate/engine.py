@@ -117,3 +117,25 @@ def run_block(model, layer: int, h: torch.Tensor, inputs: BlockInputs) -> torch.
         kw["position_embeddings"] = inputs.rope
     out = block(h, **kw)
     return out[0] if isinstance(out, tuple) else out
+
+
+def sequence_inputs(model, h: torch.Tensor) -> BlockInputs:
+    """What a block needs to run on whole sequences [rows, S, hidden] from position 0, without padding
+    (causal attention masks itself when no mask is given; a masked LM's rows have no padding)."""
+    a = arch.arch_of(model)
+    if not a.rotary:
+        return BlockInputs()
+    pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
+    return BlockInputs(rope=arch.get(model, a.rotary)(h, pos))
+
+
+@contextlib.contextmanager
+def block_input(model, layer: int, store: list):
+    """Record the hidden states entering block `layer` (one tensor per forward pass)."""
+    h = arch.blocks(model)[layer].register_forward_pre_hook(
+        lambda m, args, kwargs: store.append((args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True
+    )
+    try:
+        yield
+    finally:
+        h.remove()

@@ -35,7 +35,13 @@ def locate(model, edits, method, dtype=None, store=None) -> None:
     """Fill in each edit's `located` (spec.Method `method`). With `store` (a locate.cache.Cache),
     facts found there are not recomputed and new ones are stored."""
 
-    groups = [g for e in edits for g in e.locate_groups() if g]
+    def groups_of(e):
+        # the batch solve needs only the updated fact's neurons; relation_facts serve the
+        # shared-neuron filter of the single-edit rules
+        g = e.locate_groups()
+        return g[:1] if e.kind == "update" and method.update.rule in ("auto", "solve") else g
+
+    groups = [g for e in edits for g in groups_of(e) if g]
     r = method.refine
     with progress.bar(sum(len(f.prompts) for g in groups for f in g), "locating neurons", "prompt") as bar:
 
@@ -47,7 +53,7 @@ def locate(model, edits, method, dtype=None, store=None) -> None:
 
         for e in edits:
             e.located = []
-            for group in e.locate_groups():
+            for group in groups_of(e):
                 if not group:
                     continue
                 found = []

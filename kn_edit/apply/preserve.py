@@ -1,0 +1,88 @@
+"""What the batch update keeps, with no extra work from the user (kn_edit/data, written for kn-edit, MIT):
+
+- the same-relation facts the spec gives an update (`relation_facts`);
+- each edit's own templates filled with common subjects (data/subjects.txt), so that the relation
+  keeps answering for other subjects what it answered before;
+- everyday factual prompts (data/prompts_preserve.txt);
+- plain English text (data/text_preserve.txt), every position (masked LMs: every 7th token masked).
+
+Never `verify.facts`, the probe prompts or the probe text: those measure the result and stay unseen.
+A prompt naming a subject the spec edits is left out (its answer may rightly change).
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..measure.safety import prompts as shipped_prompts
+from ..measure.safety import shipped
+from ..plan.prompts import encode
+
+PER_TEMPLATE = 4  # common subjects filled into each edit template
+MAX_PROMPTS = 400  # preservation prompts, at most (a seeded sample)
+WINDOW = 64  # tokens per window of plain text
+MASK_EVERY = 7
+
+
+def _templates(batch) -> list[str]:
+    out = []
+    for e in batch.edits:
+        for f in e.shown[:1]:
+            for p in f.prompts:
+                if f.subject and f.subject in p.text:
+                    out.append(p.text.replace(f.subject, "[X]"))
+    return list(dict.fromkeys(out))
+
+
+def same_relation(batch, e, n: int = 8, seed: int = 0) -> list:
+    """Prompts of edit e's relation about other subjects: its relation_facts, then its templates
+    filled with common subjects (what its neurons should not fire for)."""
+    avoid = {f.subject.lower() for x in batch.edits for f in x.shown if f.subject}
+    out = [p for f in e.facts[1:] for p in f.prompts]
+    rng = random.Random(f"kn-edit-same:{seed}")
+    subjects = [s for s in shipped("subjects.txt").splitlines() if s.strip() and s.lower() not in avoid]
+    temps = [p.text.replace(f.subject, "[X]") for f in e.shown[:1] for p in f.prompts if f.subject and f.subject in p.text]
+    for s in rng.sample(subjects, min(n, len(subjects))):
+        for t in temps[:2]:
+            try:
+                out.append(encode(batch.tok, t.replace("[X]", s), batch.causal))
+            except Exception:  # noqa: BLE001 - a filled template this tokenizer cannot read is left out
+                continue
+    return out
+
+
+def keep_prompts(batch, seed: int = 0) -> list:
+    tok, causal = batch.tok, batch.causal
+    avoid = {f.subject.lower() for e in batch.edits for f in e.shown if f.subject}
+    rng = random.Random(f"kn-edit-preserve:{seed}")
+    out = [p for e in batch.edits if e.kind == "update" for f in e.facts[1:] for p in f.prompts]
+    subjects = [s for s in shipped("subjects.txt").splitlines() if s.strip() and s.lower() not in avoid]
+    for t in _templates(batch):
+        for s in rng.sample(subjects, min(PER_TEMPLATE, len(subjects))):
+            try:
+                out.append(encode(tok, t.replace("[X]", s), causal))
+            except Exception:  # noqa: BLE001 - a filled template this tokenizer cannot read is left out
+                continue
+    out += shipped_prompts("prompts_preserve.txt", tok, causal, avoid)
+    out = [p for p in {p.ids: p for p in out}.values() if not any(a in p.text.lower() for a in avoid)]
+    return sorted(rng.sample(out, MAX_PROMPTS), key=out.index) if len(out) > MAX_PROMPTS else out
+
+
+def text_windows(batch, max_positions: int = 1 << 16) -> list[tuple[list[int], list[int]]]:
+    """(token ids, scored positions) of the plain text: next-token positions (causal) or masked tokens."""
+    tok = batch.tok
+    try:
+        ids = tok(shipped("text_preserve.txt"), add_special_tokens=False).input_ids
+    except Exception:  # noqa: BLE001 - e.g. a word-level test tokenizer without an unknown token
+        return []
+    max_len = min(WINDOW, max_positions - 2)
+    out = []
+    for i in range(0, len(ids) - max_len + 1, max_len):
+        w = ids[i : i + max_len]
+        if batch.causal:
+            out.append((w, list(range(len(w) - 1))))
+        else:
+            at = list(range(1 + i // max_len % MASK_EVERY, len(w) + 1, MASK_EVERY))
+            body = [tok.mask_token_id if k + 1 in at else t for k, t in enumerate(w)]
+            out.append(([tok.cls_token_id, *body, tok.sep_token_id], at))
+    return out

@@ -1,0 +1,223 @@
+"""The batch update: the value-slot changes of all updates solved together, with what must not change
+in the objective.
+
+Variables: one change d_j (hidden-sized) per selected value slot j = (layer, neuron); nothing else
+moves, so the checkpoint differs from the base in those columns of W2 only. With a_j(x) the
+neuron's activation, the FFN output becomes  W2 a(x) + sum_j a_j(x) d_j  at every position.
+
+Objective, minimised with Adam (all edits at once):
+
+    mean_edit_prompts  -log p(t' | prompt)                            the edits take
+  + keep * mean_prompts  KL(p_base || p)  at the answer position       preservation prompts keep their answers
+  + text * mean_tokens   KL(p_base || p)                               plain text keeps its distribution
+  + l2   * sum_j |d_j|^2 / |v_j|^2                                     small changes
+
+An edit prompt stops pulling once t' leads every other token by `margin` (log-probability); the
+solve stops when all do. Nothing below the lowest edited layer changes, so the hidden states
+entering that layer are computed once and each step runs only the blocks above it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import progress
+from ..locate import engine
+from ..model import arch
+
+
+@dataclass
+class Goal:
+    """One edit's prompts (token ids, answer position) and what they should answer: `new_id` (an
+    update), or anything but `old_id` (an erase)."""
+
+    prompts: list  # plan.prompts.Prompt
+    new_id: int | None = None
+    old_id: int | None = None
+
+
+@dataclass
+class Settings:
+    steps: int = 80
+    lr: float = 0.1  # Adam step per coordinate, in units of a slot's typical coordinate (mean norm / sqrt(hidden))
+    keep: float = 1.0
+    text: float = 1.0
+    l2: float = 0.01
+    margin: float = 2.0  # log p(t') - max log p(other) that counts as done
+    edit_sample: int = 128  # edit prompts per step, at most (drawn afresh each step; all of them when fewer)
+    sample: int = 32  # preservation prompts per step (and as many text tokens x 2), drawn afresh each step
+    seed: int = 0
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    reached: bool = False
+    loss: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Rows:
+    """Sequences of one length, as they enter the lowest edited block, and the positions scored."""
+
+    h: torch.Tensor  # [rows, S, hidden]
+    at: tuple[torch.Tensor, torch.Tensor]  # (row, position) of each scored position
+    order: list[int]  # which sequence each row is
+    base: torch.Tensor | None = None  # [scored positions, vocab] log-probs of the base model
+
+
+def _rows(model, seqs: list[list[int]], scored: list[list[int]], layer: int, batch: int, causal: bool = False) -> list[_Rows]:
+    """The sequences in groups of up to `batch`, with the hidden states entering block `layer`;
+    scored[k]: the positions of sequence k whose output distribution counts. A causal model's
+    sequences are padded on the right (no position looks ahead, so padding changes nothing it
+    scores); a masked LM's are grouped by length instead."""
+    groups: dict[int, list[int]] = {}
+    for k, s in enumerate(seqs):
+        groups.setdefault(0 if causal else len(s), []).append(k)
+    out = []
+    for _, ks in sorted(groups.items()):
+        if causal:
+            ks = sorted(ks, key=lambda k: len(seqs[k]))
+        for i in range(0, len(ks), batch):
+            chunk = ks[i : i + batch]
+            width = max(len(seqs[k]) for k in chunk)
+            ids = [seqs[k] + [seqs[k][-1]] * (width - len(seqs[k])) for k in chunk]
+            store: list = []
+            with torch.no_grad(), engine.block_input(model, layer, store):
+                model(input_ids=torch.tensor(ids, device=model.device))
+            pairs = [(r, p) for r, k in enumerate(chunk) for p in scored[k]]
+            at = tuple(torch.tensor(x, device=model.device) for x in zip(*pairs, strict=True))
+            out.append(_Rows(store[0], at, chunk))
+    return out
+
+
+def _logits(model, rows: _Rows, layer: int) -> torch.Tensor:
+    """[scored positions, vocab]: the blocks from `layer` up, then the output head."""
+    h = rows.h
+    inputs = engine.sequence_inputs(model, h)
+    for l in range(layer, len(arch.blocks(model))):
+        h = engine.run_block(model, l, h, inputs)
+    return model.get_output_embeddings()(arch.head_input(model, h[rows.at])).float()
+
+
+class _Delta:
+    """Forward hooks adding sum_j a_j d_j to the FFN outputs of the layers that hold selected slots."""
+
+    def __init__(self, model, columns):
+        by_layer: dict[int, list[int]] = {}
+        for l, i in sorted(columns):
+            by_layer.setdefault(l, []).append(i)
+        hidden = arch.value_slots(model, 0).shape[1]
+        self.idx = {l: torch.tensor(idx, device=model.device) for l, idx in by_layer.items()}
+        self.d = {l: torch.zeros(len(idx), hidden, device=model.device, requires_grad=True) for l, idx in by_layer.items()}
+        self.norms = {l: arch.value_slots(model, l)[self.idx[l]].norm(dim=1).detach() for l in by_layer}
+        self.model = model
+        self.hooks = []
+
+    def __enter__(self):
+        for l in self.d:
+            mod = arch.value_module(self.model, l)
+            self.hooks.append(mod.register_forward_hook(lambda m, args, out, l=l: out + args[0][..., self.idx[l]] @ self.d[l]))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def l2(self):
+        return sum(((d / self.norms[l][:, None]) ** 2).sum() for l, d in self.d.items())
+
+    def result(self) -> dict:
+        return {(l, int(i)): self.d[l][k].detach().clone() for l in self.d for k, i in enumerate(self.idx[l].tolist())}
+
+
+def _edit_loss(model, rows: _Rows, layer: int, target, update, margin: float):
+    """(summed loss, done flags) of a group of edit prompts: an update pulls t' up until it leads
+    every other token by the margin; an erase pushes t down until it trails by it."""
+    logp = _logits(model, rows, layer).log_softmax(-1)
+    t, up = target[rows.order], update[rows.order]
+    gold = logp.gather(1, t[:, None])[:, 0]
+    others = logp.scatter(1, t[:, None], -math.inf).max(-1).values
+    pulling = torch.where(up, gold - others, others - gold) < margin
+    return (torch.where(up, -gold, gold - others) * pulling).sum(), ~pulling
+
+
+@torch.no_grad()
+def _all_done(model, rows, layer, target, update, margin) -> bool:
+    return all(bool(_edit_loss(model, r, layer, target, update, margin)[1].all()) for r in rows)
+
+
+def _kl(base_logp, logits):
+    """Summed over rows of KL(p_base || p)."""
+    return (base_logp.exp() * (base_logp - logits.log_softmax(-1))).sum()
+
+
+def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings: Settings | None = None, causal=False):
+    """{(layer, neuron): change of its value slot} for all goals together, and Stats.
+    text: (token ids, scored positions) windows of plain text; causal: the model is a causal LM."""
+    s = settings or Settings()
+    layer = min(l for l, _ in columns)
+    prompts = [p for g in goals for p in g.prompts]
+    target = torch.tensor([g.new_id if g.new_id is not None else g.old_id for g in goals for _ in g.prompts], device=model.device)
+    update = torch.tensor([g.new_id is not None for g in goals for _ in g.prompts], device=model.device)
+    edit_rows = _rows(model, [list(p.ids) for p in prompts], [[p.pos] for p in prompts], layer, 32, causal)
+    # preservation rows in small groups, a random share of them per step
+    keep_rows = _rows(model, [list(p.ids) for p in keep_prompts], [[p.pos] for p in keep_prompts], layer, 16, causal)
+    text_rows = _rows(model, [list(w) for w, _ in text], [list(at) for _, at in text], layer, 1, causal)
+    with torch.no_grad():
+        for r in keep_rows + text_rows:
+            r.base = _logits(model, r, layer).log_softmax(-1)
+    gen = torch.Generator().manual_seed(s.seed)
+
+    def draw(rows, budget, size=lambda r: len(r.base)):
+        """Groups adding up to about `budget` scored positions, and the weight of one of their positions."""
+        total = sum(size(r) for r in rows)
+        if total <= budget:
+            return rows, 1 / max(total, 1)
+        picked, n = [], 0
+        for k in torch.randperm(len(rows), generator=gen).tolist():
+            if n >= budget:
+                break
+            picked.append(rows[k])
+            n += size(rows[k])
+        return picked, 1 / n
+
+    done = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # as last seen, per edit prompt
+
+    delta = _Delta(model, columns)
+    hidden = next(iter(delta.d.values())).shape[1]
+    unit = float(torch.cat(list(delta.norms.values())).mean()) / math.sqrt(hidden)
+    opt = torch.optim.Adam(list(delta.d.values()), lr=s.lr * unit)
+    stats = Stats()
+    with delta, progress.bar(s.steps, "solving the batch update", "step") as bar:
+        for step in range(s.steps):
+            opt.zero_grad()
+            total = 0.0
+            picked = edit_rows if len(target) <= s.edit_sample else draw(edit_rows, s.edit_sample, size=lambda r: len(r.order))[0]
+            n = sum(len(r.order) for r in picked)
+            for r in picked:
+                loss, ok = _edit_loss(model, r, layer, target, update, s.margin)
+                done[r.order] = ok
+                if not ok.all():
+                    (loss / n).backward()
+                total += float(loss.detach()) / n
+            if done.all() and (len(picked) == len(edit_rows) or _all_done(model, edit_rows, layer, target, update, s.margin)):
+                stats.reached = True
+                break
+            for rows, weight, budget in ((keep_rows, s.keep, s.sample), (text_rows, s.text, 2 * s.sample)):
+                picked, per = draw(rows, budget) if weight else ([], 0)
+                for r in picked:
+                    loss = weight * per * _kl(r.base, _logits(model, r, layer))
+                    loss.backward()
+                    total += float(loss.detach())
+            loss = s.l2 * delta.l2()
+            loss.backward()
+            opt.step()
+            stats.loss.append(total + float(loss.detach()))
+            stats.steps = step + 1
+            bar.update(1)
+    return delta.result(), stats

@@ -1,0 +1,154 @@
+"""The batch solve: its forward path equals the model's, it changes only the selected value slots,
+the edits take, and preservation holds what it is asked to hold."""
+
+import json
+
+import pytest
+import torch
+from conftest import update_edit
+
+from kn_edit import pipeline
+from kn_edit.apply import solve as S
+from kn_edit.measure.predict import predict_many
+from kn_edit.model import arch
+from kn_edit.plan.prompts import encode, target_id
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_partial_forward_equals_the_model(kind, request):
+    """Blocks run from a middle layer on cached hidden states give the model's own logits."""
+    loaded = pipeline.load(str(request.getfixturevalue(f"{kind}_dir")), device="cpu")
+    m, tok = loaded.model, loaded.tok
+    seqs = [tok("the capital of cap3 is city2 .").input_ids, tok("people in lan4 speak lang1 .").input_ids]
+    for layer in range(len(arch.blocks(m))):
+        for rows in S._rows(m, seqs, [list(range(len(s) - 1)) for s in seqs], layer, 8):
+            ids = torch.tensor([seqs[k] for k in rows.order])
+            want = m(input_ids=ids).logits[:, :-1].flatten(0, 1)
+            torch.testing.assert_close(S._logits(m, rows, layer), want, rtol=1e-5, atol=1e-5)
+
+
+def _prompts(tok, world, relation, k, causal=True):
+    s, o = world.facts[relation][k]
+    return [encode(tok, t.replace("[X]", s), causal) for t in world.templates(relation)], o
+
+
+def test_solve_takes_and_changes_only_the_selected_slots(llama_dir, world):
+    loaded = pipeline.load(str(llama_dir), device="cpu")
+    m, tok = loaded.model, loaded.tok
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    goals = []
+    for k in (0, 5, 10):
+        ps, o = _prompts(tok, world, "capital", k)
+        new = next(x for x in world.objects("capital") if x != o)
+        goals.append(S.Goal(ps[:2], new_id=target_id(tok, ps[0], new, True)))
+    columns = [(l, i) for l in (2, 3) for i in range(0, 256, 8)]
+    deltas, stats = S.solve(m, columns, goals, settings=S.Settings(steps=200, margin=1.0))
+    assert stats.reached and set(deltas) == set(columns)
+    from kn_edit.apply import rules
+
+    rules.write(m, deltas)
+    for g in goals:
+        assert all(int(p.argmax()) == g.new_id for p in predict_many(m, g.prompts))
+    changed = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {arch.value_param_name(m, 2), arch.value_param_name(m, 3)}
+    for layer in (2, 3):
+        diff = (arch.value_slots(m, layer) != before[arch.value_param_name(m, layer)].t()).any(1)
+        assert set(diff.nonzero().flatten().tolist()) == {i for l, i in columns if l == layer}
+
+
+def test_preservation_holds_what_it_is_asked_to_hold(llama_dir, world):
+    """The same edits with preservation prompts in the objective move the output distribution less on
+    other prompts, unseen ones, of the same relation and of other relations."""
+    from kn_edit.apply import rules
+
+    kl = {}
+    for keep in (0.0, 20.0):
+        loaded = pipeline.load(str(llama_dir), device="cpu")
+        m, tok = loaded.model, loaded.tok
+        goals = []
+        for k in (0, 5, 10, 15):
+            ps, o = _prompts(tok, world, "capital", k)
+            new = next(x for x in world.objects("capital") if x != o)
+            goals.append(S.Goal(ps, new_id=target_id(tok, ps[0], new, True)))
+        for rels in (("capital",), ("language", "maker")):
+            others = [p for r in rels for k in range(24) if r != "capital" or k % 5 for p in _prompts(tok, world, r, k)[0][:2]]
+            seen, keep_set = others[1::2], others[0::2]
+            base = [p.clamp_min(1e-30).log() for p in predict_many(m, seen)]
+            columns = [(l, i) for l in (2, 3) for i in range(0, 256, 4)]
+            settings = S.Settings(steps=150, keep=keep, margin=1.0, sample=64)
+            deltas, _ = S.solve(m, columns, goals, keep_set, settings=settings, causal=True)
+            with rules.restored(m, columns):
+                rules.write(m, deltas)
+                after = [p.clamp_min(1e-30).log() for p in predict_many(m, seen)]
+            kl[keep, rels] = sum(float((b.exp() * (b - a)).sum()) for b, a in zip(base, after, strict=True)) / len(seen)
+    for rels in (("capital",), ("language", "maker")):
+        assert kl[20.0, rels] < 0.5 * kl[0.0, rels], kl
+
+
+def test_default_build_solves_the_batch(llama_dir, world, write_spec, tmp_path):
+    from conftest import build
+
+    spec = {"model": str(llama_dir), "method": {"steps": 4}, "edits": [update_edit(world, "capital", k) for k in (0, 5, 10, 15)]}
+    report = build(write_spec(spec), tmp_path / "out")
+    assert all(e["rule"] == "solve" for e in report["edits"])
+    assert report["metrics"]["efficacy"] == 1.0
+
+
+def _cli_build(spec_path, out):
+    from click.testing import CliRunner
+
+    from kn_edit.cli import main
+
+    return CliRunner().invoke(main, ["build", str(spec_path), str(out), "--device", "cpu", "--no-cache"])
+
+
+def test_an_edit_that_does_not_hold_fails_the_build_by_name(llama_dir, world, write_spec, tmp_path):
+    """One solve step cannot make the edits: the build exits 1 naming the edits; `safety: false` lets it pass."""
+    spec = {
+        "model": str(llama_dir),
+        "method": {"steps": 4, "solve": {"steps": 1, "lr": 0.001}},
+        "edits": [update_edit(world, "capital", k) for k in (0, 5)],
+    }
+    r = _cli_build(write_spec(spec), tmp_path / "out")
+    assert r.exit_code == 1, r.output
+    assert "edit 1 (" in r.output and "did not hold" in r.output and "safety check edits_failed" in r.output
+    report = json.loads((tmp_path / "out" / "kn_edit_report.json").read_text())
+    assert report["status"] == "failed" and report["metrics"]["edits_failed"] == 2
+    assert [g["name"] for g in report["gates"]["results"] if g["safety"]] == ["edits_failed", "text_ppl_change", "probe_kept"]
+
+    spec["verify"] = {"safety": False}
+    r = _cli_build(write_spec(spec, "loose.yaml"), tmp_path / "loose")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "loose" / "kn_edit_report.json").read_text())["status"] == "built"
+
+
+def test_few_prompts_warn_and_bound_the_neurons(llama_dir, world, write_spec, tmp_path):
+    from conftest import build
+
+    edit = update_edit(world, "capital", 0)
+    edit["update"]["templates"] = edit["update"]["templates"][:2]
+    spec = {"model": str(llama_dir), "method": {"steps": 4, "update": {"rule": "plain", "norm_cap": None}, "refine": {"share": 0.01, "adaptive_share": False}},
+            "edits": [edit], "verify": {"safety": False}}  # fmt: skip
+    report = build(write_spec(spec), tmp_path / "out")
+    assert any("located on 2 prompt(s)" in w for w in report["warnings"]), report["warnings"]
+    assert 0 < report["edits"][0]["neurons"] <= 5
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_erase_by_solve_keeps_other_relations(kind, request, world, write_spec, tmp_path):
+    """The default erase: the relation stops answering, the other relations keep their answers."""
+    from conftest import build
+
+    model_dir = request.getfixturevalue(f"{kind}_dir")
+    facts = [{"subject": s, "target": o} for s, o in world.facts["maker"][:12]]
+    spec = {
+        "model": str(model_dir),
+        "method": {"steps": 4},
+        "edits": [{"erase": {"relation": "maker", "templates": list(world.templates("maker")), "facts": facts}}],
+        "verify": {"facts": [{"relation": r, "templates": list(world.templates(r)),
+                              "facts": [{"subject": s, "target": o} for s, o in world.facts[r][:12]]} for r in ("capital", "language")]},
+    }  # fmt: skip
+    report = build(write_spec(spec), tmp_path / "out")
+    e = report["edits"][0]
+    assert e["accuracy_before"] >= 0.9 and e["accuracy_after"] <= 0.1 and not e["failed"]
+    assert e["metrics"]["other_accuracy_change"] >= -0.1, e["metrics"]
