@@ -298,9 +298,10 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
             "accuracy_unseen": accuracy(unseen) if unseen else None,
             "other_relations_kept": _kept(base["other"], top1(other_prompts)),
             "probe_kept": _kept(base["probe"], top1(probe)),
-            "text_ppl_change": safety.perplexity(model, tok, text, True) / meta["text_ppl_base"] - 1,
+            "text_ppl": safety.perplexity(model, tok, text, True),
             "edit_s": time.time() - t,
         }
+        row["text_ppl_change"] = row["text_ppl"] / meta["text_ppl_base"] - 1
         undo.restore()
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -313,14 +314,18 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
         + (f"{base_row['accuracy_unseen']:.0%} unseen" if unseen else "-")
         + f"; other relations: {', '.join(others)}.\n",
         "| rule | neurons | accuracy, given facts | accuracy, unseen facts | other relations kept | everyday prompts kept "
-        "| text ppl change | time |",
+        "| text ppl (change) | time |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for x in rows:
         unseen_acc = "-" if x["accuracy_unseen"] is None else f"{x['accuracy_unseen']:.0%}"
         lines.append(f"| {x['rule']} | {x['neurons']} | {x['accuracy_given']:.0%} | {unseen_acc} "
-                     f"| {x['other_relations_kept']:.0%} | {x['probe_kept']:.0%} | {x['text_ppl_change']:+.1%} | {x['edit_s']:.0f} s |")  # fmt: skip
+                     f"| {x['other_relations_kept']:.0%} | {x['probe_kept']:.0%} | {_ppl(x['text_ppl'], x['text_ppl_change'])} | {x['edit_s']:.0f} s |")  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _ppl(ppl: float, change: float) -> str:
+    return f"{ppl:.2f} ({change:+.1%})" if change < 10 else f"{ppl:.3g} (x{change + 1:.3g})"
 
 
 def _kept(before, after) -> float:
@@ -338,7 +343,7 @@ def _write(out: Path, meta, rows):
     body = "".join(
         f"| {r['edits']} | {r['rule']} | {r['efficacy']:.0%} | {r['edits_held']:.0%} | {r['generalization']:.0%} "
         f"| {r['same_relation_kept']:.0%} | {r['other_relations_kept']:.0%} | {r['probe_kept']:.0%} "
-        f"| {r['text_ppl']:.2f} ({r['text_ppl_change']:+.1%}) | {r['columns']} | {r['edit_s']:.0f} s |\n"
+        f"| {_ppl(r['text_ppl'], r['text_ppl_change'])} | {r['columns']} | {r['edit_s']:.0f} s |\n"
         for r in rows
     )
     note = (
