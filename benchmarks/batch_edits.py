@@ -325,6 +325,8 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
 
 
 def _ppl(ppl: float, change: float) -> str:
+    if ppl != ppl or ppl == float("inf"):
+        return "not finite"
     return f"{ppl:.2f} ({change:+.1%})" if change < 10 else f"{ppl:.3g} (x{change + 1:.3g})"
 
 
