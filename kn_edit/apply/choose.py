@@ -88,7 +88,7 @@ def choose(model, edits, method, others=None) -> list[str]:
     warnings = []
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
         for k, e in enumerate(edits):
-            located_on = len(e.fact.prompts) - e.held_out if e.kind == "update" else None
+            located_on = len(e.located_prompts) if e.kind == "update" else None
             if located_on is not None and located_on < FEW_PROMPTS:
                 warnings.append(
                     f"edit {k + 1} ({e.fact.subject}): located on {located_on} prompt(s); with fewer than {FEW_PROMPTS} "
@@ -98,7 +98,7 @@ def choose(model, edits, method, others=None) -> list[str]:
                 facts = e.located[:1] if e.kind == "update" else e.located
                 weight = None
                 if method.solve.select == "specific" and e.kind == "update" and others is not None:
-                    weight = specificity(model, e.fact.prompts[: len(e.fact.prompts) - e.held_out], others[k])
+                    weight = specificity(model, e.located_prompts, others[k])
                 e.neurons = top_neurons(facts, method.solve.neurons * (1 if e.kind == "update" else 4), lowest, weight)
                 e.written = Written("solve") if e.kind == "update" else None
             elif e.kind == "erase":
@@ -128,7 +128,6 @@ def _written(model, method, e) -> Written:
     signs = e.located[0].activation if r.sign_aware else None
     ds = rules.deltas(model, e.neurons, e.fact.target_id, e.new_id, r.rule, r.lambda1, r.lambda2, signs)
     grid = rules.grid(method.scale_min, method.scale_max, method.scale_factor)
-    located_prompts = e.fact.prompts[: len(e.fact.prompts) - e.held_out]
     with rules.restored(model, e.neurons):
-        s = rules.search_scale(model, ds, located_prompts, e.new_id, grid, method.scale_need, r.cap)
+        s = rules.search_scale(model, ds, e.located_prompts, e.new_id, grid, method.scale_need, r.cap)
     return Written(r.rule, r.lambda1, r.lambda2, r.sign_aware, s.scale, r.cap, scale_searched=True, scale_reached=s.ok)

@@ -24,26 +24,23 @@ WINDOW = 64  # tokens per window of plain text
 MASK_EVERY = 7
 
 
-def _templates(batch) -> list[str]:
+def _avoid(batch) -> set[str]:
+    return {f.subject.lower() for e in batch.edits for f in e.shown if f.subject}
+
+
+def _subjects(avoid: set[str]) -> list[str]:
+    return [s for s in shipped("subjects.txt").splitlines() if s.strip() and s.lower() not in avoid]
+
+
+def _templates(e) -> list[str]:
+    """Edit e's prompts with its subject turned back into [X]."""
+    return [p.text.replace(f.subject, "[X]") for f in e.shown[:1] for p in f.prompts if f.subject and f.subject in p.text]
+
+
+def _filled(batch, templates, subjects) -> list:
     out = []
-    for e in batch.edits:
-        for f in e.shown[:1]:
-            for p in f.prompts:
-                if f.subject and f.subject in p.text:
-                    out.append(p.text.replace(f.subject, "[X]"))
-    return list(dict.fromkeys(out))
-
-
-def same_relation(batch, e, n: int = 8, seed: int = 0) -> list:
-    """Prompts of edit e's relation about other subjects: its relation_facts, then its templates
-    filled with common subjects (what its neurons should not fire for)."""
-    avoid = {f.subject.lower() for x in batch.edits for f in x.shown if f.subject}
-    out = [p for f in e.facts[1:] for p in f.prompts]
-    rng = random.Random(f"kn-edit-same:{seed}")
-    subjects = [s for s in shipped("subjects.txt").splitlines() if s.strip() and s.lower() not in avoid]
-    temps = [p.text.replace(f.subject, "[X]") for f in e.shown[:1] for p in f.prompts if f.subject and f.subject in p.text]
-    for s in rng.sample(subjects, min(n, len(subjects))):
-        for t in temps[:2]:
+    for t in templates:
+        for s in subjects:
             try:
                 out.append(encode(batch.tok, t.replace("[X]", s), batch.causal))
             except Exception:  # noqa: BLE001 - a filled template this tokenizer cannot read is left out
@@ -51,19 +48,25 @@ def same_relation(batch, e, n: int = 8, seed: int = 0) -> list:
     return out
 
 
+def same_relation(batch, e, n: int = 8, seed: int = 0) -> list:
+    """Prompts of edit e's relation about other subjects: its relation_facts, then its templates
+    filled with common subjects (what its neurons should not fire for)."""
+    subjects = _subjects(_avoid(batch))
+    picked = random.Random(f"kn-edit-same:{seed}").sample(subjects, min(n, len(subjects)))
+    out = [p for f in e.facts[1:] for p in f.prompts]
+    for s in picked:
+        out += _filled(batch, _templates(e)[:2], [s])
+    return out
+
+
 def keep_prompts(batch, seed: int = 0) -> list:
-    tok, causal = batch.tok, batch.causal
-    avoid = {f.subject.lower() for e in batch.edits for f in e.shown if f.subject}
+    avoid = _avoid(batch)
     rng = random.Random(f"kn-edit-preserve:{seed}")
     out = [p for e in batch.edits if e.kind == "update" for f in e.facts[1:] for p in f.prompts]
-    subjects = [s for s in shipped("subjects.txt").splitlines() if s.strip() and s.lower() not in avoid]
-    for t in _templates(batch):
-        for s in rng.sample(subjects, min(PER_TEMPLATE, len(subjects))):
-            try:
-                out.append(encode(tok, t.replace("[X]", s), causal))
-            except Exception:  # noqa: BLE001 - a filled template this tokenizer cannot read is left out
-                continue
-    out += shipped_prompts("prompts_preserve.txt", tok, causal, avoid)
+    subjects = _subjects(avoid)
+    for t in dict.fromkeys(t for e in batch.edits for t in _templates(e)):
+        out += _filled(batch, [t], rng.sample(subjects, min(PER_TEMPLATE, len(subjects))))
+    out += shipped_prompts("prompts_preserve.txt", batch.tok, batch.causal, avoid)
     out = [p for p in {p.ids: p for p in out}.values() if not any(a in p.text.lower() for a in avoid)]
     return sorted(rng.sample(out, MAX_PROMPTS), key=out.index) if len(out) > MAX_PROMPTS else out
 

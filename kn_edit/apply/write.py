@@ -35,7 +35,7 @@ def write(model, e, neurons, erase_method, unk: int | None, activation: dict | N
 def goals(e) -> list[Goal]:
     """What the solve asks of edit e: its located prompts answer t' (update), or not t (erase)."""
     if e.kind == "update":
-        return [Goal(e.fact.prompts[: len(e.fact.prompts) - e.held_out], new_id=e.new_id)]
+        return [Goal(e.located_prompts, new_id=e.new_id)]
     return [Goal(f.prompts, old_id=f.target_id) for f in e.facts]
 
 

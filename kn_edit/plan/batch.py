@@ -79,11 +79,16 @@ class Edit:
         """The facts the edit is judged on: the updated fact, or all erased facts."""
         return self.facts[:1] if self.kind == "update" else self.facts
 
+    @property
+    def located_prompts(self) -> list:
+        """An update's prompts less the held-out ones: those it is located, chosen and solved on."""
+        return self.fact.prompts[: len(self.fact.prompts) - self.held_out]
+
     def locate_groups(self) -> list[list[Fact]]:
         """Facts located together (they share one adaptive share): an update's fact, less its
         held-out prompts, and its relation_facts separately; an erase's facts together."""
         if self.kind == "update":
-            return [[self.fact.first(len(self.fact.prompts) - self.held_out)], self.facts[1:]]
+            return [[self.fact.first(len(self.located_prompts))], self.facts[1:]]
         return [self.facts]
 
 
