@@ -51,6 +51,8 @@ PER_REL = {"edits": 20, "keep": 3, "neighbours": 6}
 RULES = {
     "solve": {},
     "specific": {"solve": {"select": "specific"}},
+    "subject": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.6}},
+    "subject30": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.6, "neurons": 30}},
     # variants of the solve, for choosing its defaults
     "margin1": {"solve": {"margin": 1.0}},
     "neurons30": {"solve": {"neurons": 30}},
@@ -217,7 +219,11 @@ def main():
                 {"model": args.model, "edits": edits[:1], "method": RULES.get(rule if rule != "control" else "solve")}
             ).method
             t = time.time()
-            others = [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits] if rule == "specific" else None
+            others = (
+                [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits]
+                if RULES.get(rule, {}).get("solve", {}).get("select")
+                else None
+            )
             choose(model, batch.edits, method, others)
             if rule == "control":  # the solve on as many random neurons of the same layers
                 r_ = random.Random(args.seed)

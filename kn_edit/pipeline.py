@@ -100,7 +100,7 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     store = Cache(cache_dir, loaded.source.identity, options.dtype) if cache_dir is not None else None
 
     locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
-    others = [preserve.same_relation(batch, e, seed=seed) for e in batch.edits] if method.solve.select == "specific" else None
+    others = [preserve.same_relation(batch, e, seed=seed) for e in batch.edits] if method.solve.select != "score" else None
     batch.warnings += choose(model, batch.edits, method, others)
     undo = None
 

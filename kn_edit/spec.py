@@ -123,10 +123,12 @@ class Solve(_Strict):
 
     neurons: int = Field(10, ge=1, le=1000, description="per fact: its highest-scoring located (coarse) neurons")
     min_layer: float = Field(0.5, ge=0, lt=1, description="only neurons in layers >= min_layer x the number of layers")
-    select: Literal["score", "specific"] = Field(
+    max_layer: float = Field(1.0, gt=0, le=1, description="... and < max_layer x the number of layers")
+    select: Literal["score", "specific", "subject"] = Field(
         "score",
         description="score: by attribution score; specific: score x how much more the neuron fires for the fact "
-        "than for other subjects of its relation",
+        "than for other subjects of its relation; subject: by how strongly and specifically it fires at the "
+        "subject's last token",
     )
     steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")
     lr: float = Field(

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,36 +55,52 @@ def solves(e, method) -> bool:
     return rule in ("auto", "solve")
 
 
-def top_neurons(located, n: int, lowest: int, weight=None) -> list:
-    """The n highest-scoring neurons in layers >= lowest, by score summed over the located facts
-    (times weight[layer, neuron] when given)."""
+def top_neurons(located, n: int, layers: range, weight=None) -> list:
+    """The n highest-scoring neurons in `layers`, by score summed over the located facts (times
+    weight[layer, neuron] when given)."""
     score: dict = {}
     for f in located:
         for k, v in f.score.items():
-            if k[0] >= lowest:
+            if k[0] in layers:
                 score[k] = score.get(k, 0.0) + v * (1.0 if weight is None else float(weight[k]))
     return sorted(sorted(score, key=lambda k: (-score[k], k))[:n])
+
+
+def top_of(score: torch.Tensor, n: int, layers: range) -> list:
+    """The n neurons with the highest score[layer, neuron] in `layers`."""
+    part = score[layers.start : layers.stop]
+    flat = part.flatten().topk(min(n, part.numel())).indices
+    return sorted((layers.start + int(k) // part.shape[1], int(k) % part.shape[1]) for k in flat)
 
 
 FEW_PROMPTS = 3  # a fact located on fewer prompts has nothing to refine its neurons against
 
 
-def specificity(model, fact_prompts, other_prompts) -> torch.Tensor:
-    """[L, I]: a_f^2 / (a_f^2 + mean a_o^2), with a_f a neuron's mean activation on the fact's prompts
+def _activations(model, prompts, at_subject: bool) -> torch.Tensor:
+    """[prompts, L, I] at the answer position, or at the subject's last token (prompts without one left out)."""
+    if at_subject:
+        prompts = [replace(p, pos=p.subject) for p in prompts if p.subject is not None]
+    return torch.stack([clean_activations(model, p)[0] for p in prompts]) if prompts else torch.zeros(0)
+
+
+def specificity(model, fact_prompts, other_prompts, at_subject: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, I] a_f^2 / (a_f^2 + mean a_o^2), with a_f a neuron's mean activation on the fact's prompts
     and a_o its activation on prompts of the same relation about other subjects: near 1 for a
-    neuron that fires for this subject only, near 0 for one that fires for the whole relation."""
-    a_f = torch.stack([clean_activations(model, p)[0] for p in fact_prompts]).mean(0)
-    if not other_prompts:
-        return torch.ones_like(a_f)
-    a_o = torch.stack([clean_activations(model, p)[0] for p in other_prompts]).pow(2).mean(0)
-    return a_f.pow(2) / (a_f.pow(2) + a_o + 1e-12)
+    neuron that fires for this subject only, near 0 for one that fires for the whole relation;
+    and [L, I] |a_f|."""
+    a_f = _activations(model, fact_prompts, at_subject).mean(0)
+    a_o = _activations(model, other_prompts, at_subject)
+    if not len(a_o):
+        return torch.ones_like(a_f), a_f.abs()
+    return a_f.pow(2) / (a_f.pow(2) + a_o.pow(2).mean(0) + 1e-12), a_f.abs()
 
 
 def choose(model, edits, method, others=None) -> list[str]:
     """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method.
     others: per edit, prompts of its relation about other subjects (solve.select: specific).
     Returns warnings for the report."""
-    lowest = int(method.solve.min_layer * arch.shape(model)[0])
+    L = arch.shape(model)[0]
+    layers = range(int(method.solve.min_layer * L), max(int(method.solve.min_layer * L) + 1, round(method.solve.max_layer * L)))
     warnings = []
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
         for k, e in enumerate(edits):
@@ -96,10 +112,14 @@ def choose(model, edits, method, others=None) -> list[str]:
                 )
             if solves(e, method):
                 facts = e.located[:1] if e.kind == "update" else e.located
-                weight = None
-                if method.solve.select == "specific" and e.kind == "update" and others is not None:
-                    weight = specificity(model, e.located_prompts, others[k])
-                e.neurons = top_neurons(facts, method.solve.neurons * (1 if e.kind == "update" else 4), lowest, weight)
+                n = method.solve.neurons * (1 if e.kind == "update" else 4)
+                select = method.solve.select if e.kind == "update" and others is not None else "score"
+                if select == "subject":
+                    spec, size = specificity(model, e.located_prompts, others[k], at_subject=True)
+                    e.neurons = top_of(spec * size, n, layers)
+                else:
+                    weight = specificity(model, e.located_prompts, others[k])[0] if select == "specific" else None
+                    e.neurons = top_neurons(facts, n, layers, weight)
                 e.written = Written("solve") if e.kind == "update" else None
             elif e.kind == "erase":
                 e.neurons = shared_by(e.located, method.erase.min_facts)

@@ -42,7 +42,7 @@ def _filled(batch, templates, subjects) -> list:
     for t in templates:
         for s in subjects:
             try:
-                out.append(encode(batch.tok, t.replace("[X]", s), batch.causal))
+                out.append(encode(batch.tok, t.replace("[X]", s), batch.causal, s))
             except Exception:  # noqa: BLE001 - a filled template this tokenizer cannot read is left out
                 continue
     return out

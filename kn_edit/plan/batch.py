@@ -130,7 +130,7 @@ def fact(tok, causal, subject, target, texts, where, problems, relation: str = "
     prompts, tid = [], None
     for i, text in enumerate(texts):
         try:
-            p = encode(tok, text, causal)
+            p = encode(tok, text, causal, subject)
             prompts.append(p)
             tid = target_id(tok, p, target, causal)
         except PromptError as e:

@@ -190,7 +190,7 @@ def known(model, tok, causal: bool, temps: list[str], subject: str, target: str,
 
     hits, misses = 0, 0
     for t in temps:
-        p = encode(tok, t.replace("[X]", subject), causal)
+        p = encode(tok, t.replace("[X]", subject), causal, subject)
         if int(predict(model, p).argmax()) == target_id(tok, p, target, causal):
             hits += 1
         else:

@@ -18,6 +18,7 @@ class Prompt:
     text: str  # with [Y]
     ids: tuple[int, ...]
     pos: int  # answer position
+    subject: int | None = None  # position of the subject's last token, when the subject is known
 
 
 class PromptError(ValueError):
@@ -28,15 +29,32 @@ def causal_ok(text: str) -> bool:
     return bool(_TAIL.match(text.split("[Y]", 1)[1]))
 
 
-def encode(tok, text: str, causal: bool) -> Prompt:
+def encode(tok, text: str, causal: bool, subject: str | None = None) -> Prompt:
     if causal:
         head, tail = text.split("[Y]", 1)
         if not _TAIL.match(tail):
             raise PromptError(f"{text!r}: for a causal model [Y] must end the prompt (only a '.' may follow)")
-        ids = tok(head.rstrip(), add_special_tokens=True).input_ids
-        return Prompt(text, tuple(ids), len(ids) - 1)
-    ids = tok(text.replace("[Y]", tok.mask_token)).input_ids
-    return Prompt(text, tuple(ids), ids.index(tok.mask_token_id))
+        seen = head.rstrip()
+        ids = tok(seen, add_special_tokens=True).input_ids
+        return Prompt(text, tuple(ids), len(ids) - 1, _last_token(tok, seen, subject))
+    seen = text.replace("[Y]", tok.mask_token)
+    ids = tok(seen).input_ids
+    return Prompt(text, tuple(ids), ids.index(tok.mask_token_id), _last_token(tok, seen, subject))
+
+
+def _last_token(tok, seen: str, subject: str | None) -> int | None:
+    """The position of the token that ends the subject's first occurrence in `seen` (None when the
+    subject is not there or the tokenizer gives no character offsets)."""
+    at = seen.find(subject) if subject else -1
+    if at < 0:
+        return None
+    end = at + len(subject)
+    try:
+        spans = tok(seen, add_special_tokens=True, return_offsets_mapping=True).offset_mapping
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer has no offsets
+        return None
+    inside = [k for k, (a, b) in enumerate(spans) if b > a and a < end]
+    return inside[-1] if inside else None
 
 
 def target_id(tok, prompt: Prompt, word: str, causal: bool) -> int:
