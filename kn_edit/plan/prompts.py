@@ -29,6 +29,8 @@ def causal_ok(text: str) -> bool:
 
 
 def encode(tok, text: str, causal: bool) -> Prompt:
+    if unknown(tok, text.replace("[Y]", " ")):
+        raise PromptError(f"{text!r}: has words this model's vocabulary lacks (they become {tok.unk_token!r})")
     if causal:
         head, tail = text.split("[Y]", 1)
         if not _TAIL.match(tail):
@@ -56,4 +58,12 @@ def target_id(tok, prompt: Prompt, word: str, causal: bool) -> int:
     if not ok:
         pieces = tok.tokenize(word if not causal else f" {word}")
         raise PromptError(f"{word!r} is not a single token of this model's vocabulary (it splits into {pieces})")
+    if tid is not None and tid == getattr(tok, "unk_token_id", None) and word != tok.unk_token:
+        raise PromptError(f"{word!r} is not in this model's vocabulary (it becomes the unknown token {tok.unk_token!r})")
     return tid
+
+
+def unknown(tok, text: str) -> bool:
+    """Whether some of `text` becomes the tokenizer's unknown token."""
+    unk = getattr(tok, "unk_token_id", None)
+    return unk is not None and unk in tok(text, add_special_tokens=False).input_ids
