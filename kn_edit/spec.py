@@ -21,7 +21,7 @@ __all__ = ["Spec", "Method", "Update", "Erase", "EditSpec", "FactRef", "Gate", "
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelRef(_Strict):
@@ -473,6 +473,25 @@ class Spec(_Strict):
         if isinstance(data, dict) and isinstance(data.get("model"), str):
             data = {**data, "model": {"name": data["model"]}}
         return data
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        """An edit given twice would be applied twice, and two updates of one fact leave the later's
+        answer: both are mistakes, named by their indices."""
+        seen: dict = {}
+        for k, e in enumerate(self.edits):
+            b = e.body
+            if e.kind == "erase":
+                what, key = "relation", ("erase", b.relation)
+            else:
+                what, key = "fact", ("update", b.relation, b.subject or tuple(b.prompts or ()))
+            if key in seen:
+                j = seen[key]
+                if self.edits[j] == e:
+                    raise ValueError(f"@edits: edits[{k}] repeats edits[{j}] (it would be applied twice); keep one")
+                raise ValueError(f"@edits: edits[{j}] and edits[{k}] edit the same {what} in different ways; keep one")
+            seen[key] = k
+        return self
 
     @classmethod
     def from_yaml(cls, path) -> Spec:
