@@ -305,3 +305,29 @@ def test_gguf_conversion_race_the_loser_uses_the_winners_folder(tmp_path):
     (folder / loading.CONVERTED).unlink()
     with pytest.raises(OSError):
         loading.publish(half, folder)
+
+
+# ---- nothing from a model folder or a spec is executed -----------------------------------------
+
+
+def test_remote_code_in_a_model_folder_is_never_run(model_copy, world, write_spec, tmp_path):
+    marker = tmp_path / "ran"
+    config = json.loads((model_copy / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForMaskedLM": "modeling_evil.Evil"}
+    config["model_type"] = "evil-bert"
+    (model_copy / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (model_copy / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    spec = write_spec(tiny_spec(model_copy, world))
+    for args in (("validate", spec), ("build", spec, tmp_path / "out", "--device", "cpu")):
+        r = run_cli(*args)  # transformers may log a warning of its own first
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert r.output.splitlines()[-1].startswith(f"error: cannot load the config of '{model_copy}': "), r.output
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: café\nedits: []\n".encode("latin-1"))
+    text = one_line(run_cli("validate", path), 2)
+    assert f"{path}: not UTF-8 text (byte 10: b'\\xe9')" in text

@@ -143,6 +143,11 @@ def _pretrained_args(src: Source, weights: bool = True) -> tuple[str, dict]:
     return src.path, {}
 
 
+def _line(e: Exception) -> str:
+    """transformers' messages span lines: one line, at most 300 characters."""
+    return " ".join(str(e).split())[:300]
+
+
 def load_tokenizer(src: Source):
     from transformers import AutoTokenizer
 
@@ -150,7 +155,7 @@ def load_tokenizer(src: Source):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)
     except OSError as e:
-        raise ModelError(f"cannot load the tokenizer of {src.path!r}: {e}") from None
+        raise ModelError(f"cannot load the tokenizer of {src.path!r}: {_line(e)}") from None
 
 
 def load_config(src: Source):
@@ -160,7 +165,7 @@ def load_config(src: Source):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the config of {src.path!r}: {e}") from None
+        raise ModelError(f"cannot load the config of {src.path!r}: {_line(e)}") from None
 
 
 def is_causal(src: Source) -> bool:
@@ -186,9 +191,7 @@ def load_model(src: Source, device: str = "cpu"):
     except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many kinds of error
         if isinstance(e, MemoryError):
             raise
-        raise ModelError(
-            f"cannot load the weights of {src.path!r}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-        ) from None
+        raise ModelError(f"cannot load the weights of {src.path!r}: {type(e).__name__}: {_line(e)}") from None
     arch_of(model)  # fail early on unsupported architectures
     native = model.dtype
     model = model.to(device=device, dtype=torch.float32).eval()
