@@ -250,3 +250,15 @@ def test_unwritable_cache_is_one_line_before_any_work(world, llama_dir, write_sp
         == f"error: neuron cache {tmp_path / 'file' / 'c'}: cannot write there: Not a directory (use --cache DIR or --no-cache)"
     )
     assert calls["scores"] == 0 and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_under_the_cache_is_a_warning(world, llama_dir, write_spec, tmp_path, monkeypatch, caplog):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")  # a full disk cannot be made here
+
+    monkeypatch.setattr(cachemod.Cache, "_write", full)
+    spec = write_spec(spec_data(world, llama_dir))
+    with caplog.at_level(logging.WARNING, logger="kn_edit.cache"):
+        got = build(spec, tmp_path / "a", cache=tmp_path / "cache")
+    assert got == build(spec, tmp_path / "b")
+    assert sum("No space left on device" in r.message for r in caplog.records) >= FACTS

@@ -331,3 +331,9 @@ def test_a_spec_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes("model: café\nedits: []\n".encode("latin-1"))
     text = one_line(run_cli("validate", path), 2)
     assert f"{path}: not UTF-8 text (byte 10: b'\\xe9')" in text
+
+
+def test_verify_output_that_cannot_be_written_is_one_line(ckpt, tmp_path):
+    (tmp_path / "file").write_text("")
+    text = one_line(run_cli("verify", ckpt, "--device", "cpu", "-o", tmp_path / "file" / "r.json"), 1)
+    assert f"error: cannot write {tmp_path / 'file' / 'r.json'}: Not a directory" in text

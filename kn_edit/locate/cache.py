@@ -165,5 +165,8 @@ class Cache:
             return got
         self.misses += 1
         located = locate_fact(model, fact, method, compute_dtype, tick)
-        self._write(key, inp, located, {"device": str(next(model.parameters()).device)})
+        try:
+            self._write(key, inp, located, {"device": str(next(model.parameters()).device)})
+        except OSError as e:  # a full disk: the build goes on, the entry is computed again next time
+            log.warning("cannot store neuron cache entry %s: %s", self.path(key), e.strerror or e)
         return located
