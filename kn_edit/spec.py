@@ -559,11 +559,12 @@ def load(path) -> tuple[Spec, str]:
     """The spec and its verbatim text."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_BYTES:
-            raise SpecError(path, [("", f"{path.stat().st_size} bytes: larger than the {MAX_BYTES} a spec may have")])
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # a device or a pipe has no size to check first
     except OSError as e:
         raise SpecError(path, [("", f"cannot read: {e.strerror}")]) from None
+    if len(raw) > MAX_BYTES:
+        raise SpecError(path, [("", f"larger than the {MAX_BYTES} bytes a spec may have")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -147,11 +147,3 @@ def test_unknown_or_split_words_name_their_field(bert_dir, world, write_spec, tm
         assert f"{path}: edits[0].update.{field}: {expected}" in r.output, r.output
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-
-
-def test_unknown_word_in_a_template_names_the_template(bert_dir, world, write_spec):
-    spec = good(bert_dir, world)
-    spec["edits"][0]["update"]["templates"][2] = "zorblax of [X] is [Y] ."
-    path = write_spec(spec)
-    r = run_cli("validate", path)
-    assert r.exit_code == 2 and f"{path}: edits[0].update.templates[2]: " in r.output and "lacks" in r.output, r.output
