@@ -117,6 +117,13 @@ def push_cmd(checkpoint, repo_id, dry_run, **kw):
     _push(checkpoint, HubOptions(repo=repo_id, **kw), dry_run)
 
 
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise KnEditError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _verdict(report, done: str, as_json: bool = False):
     """The aggregate table and gates (or the JSON report); exit 1 when a gate failed."""
     from .measure.gates import describe_failure
@@ -165,7 +172,7 @@ def verify_cmd(checkpoint, spec_path, json_out, as_json, **kw):
 
     report = verify(checkpoint, spec_path, RunOptions(**kw))
     if json_out:
-        json_out.write_text(report.to_json())
+        _write_text(json_out, report.to_json())
     _verdict(report, f"verified {checkpoint} against {report.base_model.get('name')}", as_json)
 
 
@@ -276,7 +283,7 @@ def spec_from_pararel(relation, n, model, pararel_dir, seed, known, output):
         + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
     )
     if output:
-        output.write_text(text)
+        _write_text(output, text)
         click.echo(f"wrote {output} ({len(chosen)} edits)", err=True)
     else:
         click.echo(text, nl=False)

@@ -48,3 +48,7 @@ class GatesFailed(KnEditError):
     """A build or verify whose gates did not pass (the checkpoint is kept, marked failed)."""
 
     prefix = ""
+
+
+class CheckpointChanged(KnEditError):
+    """A checkpoint's files differ from what its build wrote (or its untouched tensors from the base)."""

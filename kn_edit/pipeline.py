@@ -21,7 +21,7 @@ from .apply import preserve
 from .apply.choose import choose
 from .apply.rules import Snapshot
 from .apply.write import apply
-from .errors import ModelError
+from .errors import CheckpointChanged, ModelError
 from .locate.cache import Cache
 from .locate.stage import locate
 from .measure import gates, probes, safety
@@ -120,6 +120,7 @@ def judged(batch: Batch, base, edited, *, seed: int, device: str, dtype: str) ->
     vcfg = batch.spec.verify
     probes.attach(batch.edits, batch.extra, vcfg.neighbours)
     baseline = measure_base(base, batch, batch.spec.method, seed, vcfg.control_draws)
+    batch.warnings += unpredicted(batch, baseline.before)
     probe_prompts = safety.prompts("prompts_probe.txt", batch.tok, batch.causal, edited_subjects(batch))
     with progress.phase("plain text and probe prompts, base model"):
         safe_before = safety.measure(base, batch.tok, batch.causal, probe_prompts)
@@ -135,17 +136,42 @@ def judged(batch: Batch, base, edited, *, seed: int, device: str, dtype: str) ->
     return make(batch, model, batch.edits, baseline.before, after, agg, gate_doc, status, seed=seed, device=device, dtype=dtype)
 
 
+def unpredicted(batch: Batch, before) -> list[str]:
+    """Updates whose `target` the base model does not answer on most of their prompts: the edit is
+    made, but it does not replace what the model says (a warning in the report)."""
+    out = []
+    for e in batch.edits:
+        if e.kind == "update":
+            hits = sum(before[p.ids][0] == e.fact.target_id for p in e.located_prompts)
+            if hits * 2 < len(e.located_prompts):
+                out.append(
+                    f"{e.where}.target: the base model answers {e.fact.target!r} on only {hits} of "
+                    f"{len(e.located_prompts)} prompts; the edit does not replace what it says now"
+                )
+    return out
+
+
 def edited_subjects(batch: Batch) -> set[str]:
     """Subjects whose answers the spec changes: probe prompts naming one are left out."""
     return {f.subject for e in batch.edits for f in e.shown if f.subject}
 
 
-def write(result: Result, out, force: bool = False, dtype: str = "auto") -> Path:
+def protected(src: loading.Source, cache_dir=None) -> list[Path]:
+    """What no checkpoint may be written into, over or around: the base model (its folder or
+    file), kn-edit's caches and the Hub's."""
+    from huggingface_hub import constants
+
+    out = [loading.cache_dir(), Path(constants.HF_HUB_CACHE)] + ([Path(cache_dir)] if cache_dir else [])
+    return out + ([Path(src.path)] if src.kind != "hub" else [])
+
+
+def write(result: Result, out, force: bool = False, dtype: str = "auto", cache_dir=None) -> Path:
     from .output import card, markdown
 
     out = Path(out)
     save_dtype = result.loaded.native_dtype if dtype == "auto" else getattr(torch, dtype)
-    with progress.phase(f"writing {out}"), checkpoint.staged(out, force) as tmp:
+    protect = protected(result.loaded.source, cache_dir)
+    with progress.phase(f"writing {out}"), checkpoint.staged(out, force, protect) as tmp:
         checkpoint.save_model(result.model, result.batch.tok, save_dtype, tmp)
         (tmp / SPEC_COPY).write_text(result.batch.text)
         (tmp / NEURONS).write_text(result.neurons.to_json())
@@ -158,9 +184,11 @@ def write(result: Result, out, force: bool = False, dtype: str = "auto") -> Path
 def build(spec: specmod.Spec | str | Path, out, options: BuildOptions | None = None) -> Report:
     """The spec's model, edited and verified, written to `out`."""
     options = options or BuildOptions()
-    checkpoint.check_free(Path(out), options.force)
+    model = (spec if isinstance(spec, specmod.Spec) else specmod.load(spec)[0]).model
+    src = loading.resolve(model.name, model.revision)
+    checkpoint.check_out(Path(out), options.force, protected(src, options.cache_dir()))
     result = edit(spec, options=options)
-    result.save(out, options.force, options.save_dtype)
+    write(result, out, options.force, options.save_dtype, options.cache_dir())
     return result.report
 
 
@@ -176,6 +204,7 @@ def verify(folder, spec_path=None, options: RunOptions | None = None) -> Report:
     for name in (REPORT, NEURONS, SPEC_COPY):
         if not (folder / name).is_file():
             raise ModelError(f"{folder} is not a kn-edit checkpoint: {name} is missing")
+    check_files(folder)
     built = Report.read(folder / REPORT)
     spec, text = specmod.load(folder / SPEC_COPY)
     if spec_path is not None:
@@ -189,6 +218,7 @@ def verify(folder, spec_path=None, options: RunOptions | None = None) -> Report:
             f"the base model differs from the one {folder} was built from: {base.source.identity} != {built.base_model}"
         )
     batch.source = base.source
+    check_untouched(folder, base.model, set(built.changed_tensors))
     located_from(NeuronsDoc.read(folder / NEURONS), batch.edits, built)
 
     def edited():
@@ -200,3 +230,37 @@ def verify(folder, spec_path=None, options: RunOptions | None = None) -> Report:
     return report.model_copy(
         update={"verified_from": str(folder), **{k: getattr(built, k) for k in kept if k in built.model_fields_set}}
     )
+
+
+def check_files(folder: Path) -> None:
+    """Every file of the checkpoint as its build wrote it (the manifest's sha256), and no other."""
+    if not (folder / checkpoint.MANIFEST).is_file():
+        raise CheckpointChanged(f"{folder}: {checkpoint.MANIFEST} is missing: its files cannot be checked")
+    files = checkpoint.read_manifest(folder)
+    for name, digest in files.items():
+        p = folder / name
+        if p.is_symlink() or not p.is_file():
+            raise CheckpointChanged(f"{p}: missing or not a plain file (the build wrote it)")
+        if loading.sha256(p) != digest:
+            raise CheckpointChanged(f"{p}: changed since the build (its sha256 differs from {checkpoint.MANIFEST})")
+    for p in sorted(folder.rglob("*")):
+        name = p.relative_to(folder).as_posix()
+        if p.is_file() and name != checkpoint.MANIFEST and name not in files:
+            raise CheckpointChanged(f"{p}: not written by the build (not in {checkpoint.MANIFEST})")
+
+
+def check_untouched(folder: Path, base, changed: set[str]) -> None:
+    """Every saved tensor the edits did not change equals the base model's (in the saved dtype)."""
+    from safetensors import safe_open
+
+    state = base.state_dict()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                if name in changed:
+                    continue
+                if name not in state:
+                    raise CheckpointChanged(f"{f}: tensor {name} is not in the base model")
+                t = st.get_tensor(name)
+                if not torch.equal(t, state[name].detach().to("cpu", t.dtype)):
+                    raise CheckpointChanged(f"{f}: tensor {name} differs from the base model, but no edit changed it")

@@ -21,7 +21,7 @@ __all__ = ["Spec", "Method", "Update", "Erase", "EditSpec", "FactRef", "Gate", "
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelRef(_Strict):
@@ -476,6 +476,25 @@ class Spec(_Strict):
             data = {**data, "model": {"name": data["model"]}}
         return data
 
+    @model_validator(mode="after")
+    def _distinct(self):
+        """An edit given twice would be applied twice, and two updates of one fact leave the later's
+        answer: both are mistakes, named by their indices."""
+        seen: dict = {}
+        for k, e in enumerate(self.edits):
+            b = e.body
+            if e.kind == "erase":
+                what, key = "relation", ("erase", b.relation)
+            else:
+                what, key = "fact", ("update", b.relation, b.subject or tuple(b.prompts or ()))
+            if key in seen:
+                j = seen[key]
+                if self.edits[j] == e:
+                    raise ValueError(f"@edits: edits[{k}] repeats edits[{j}] (it would be applied twice); keep one")
+                raise ValueError(f"@edits: edits[{j}] and edits[{k}] edit the same {what} in different ways; keep one")
+            seen[key] = k
+        return self
+
     @classmethod
     def from_yaml(cls, path) -> Spec:
         return load(path)[0]
@@ -542,11 +561,12 @@ def load(path) -> tuple[Spec, str]:
     """The spec and its verbatim text."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_BYTES:
-            raise SpecError(path, [("", f"{path.stat().st_size} bytes: larger than the {MAX_BYTES} a spec may have")])
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # a device or a pipe has no size to check first
     except OSError as e:
         raise SpecError(path, [("", f"cannot read: {e.strerror}")]) from None
+    if len(raw) > MAX_BYTES:
+        raise SpecError(path, [("", f"larger than the {MAX_BYTES} bytes a spec may have")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -211,3 +211,54 @@ def test_locate_keys_facts_as_build_does_with_held_out_prompts(world, llama_dir,
     calls["scores"] = 0
     build(spec, tmp_path / "out", cache=cache_dir)
     assert calls["scores"] == 0
+
+
+def test_unusable_entries_are_misses_warned_and_overwritten(world, llama_dir, write_spec, tmp_path, calls, caplog):
+    """Deeply nested JSON (RecursionError) and an entry whose checksum holds but whose neurons do not
+    exist in the model: each is a miss with a warning, recomputed and overwritten."""
+    cache_dir = tmp_path / "cache"
+    spec = write_spec(spec_data(world, llama_dir))
+    good = build(spec, tmp_path / "a", cache=cache_dir)
+    nested, impossible = entries(cache_dir)[:2]
+    kept = impossible.read_text()
+    nested.write_text("[" * 200_000 + "]" * 200_000)
+    doc = json.loads(impossible.read_text())
+    doc["located"]["coarse"][0].append([999, 0])  # no layer 999 in the tiny model
+    body = {k: doc[k] for k in ("format", "format_version", "key", "inputs", "located")}
+    doc["checksum"] = cachemod._digest(body)  # a valid checksum: only the model's shape tells
+    impossible.write_text(json.dumps(doc))
+
+    calls["scores"] = 0
+    with caplog.at_level(logging.WARNING, logger="kn_edit.cache"):
+        again = build(spec, tmp_path / "b", cache=cache_dir)
+    assert calls["scores"] == 2 * PROMPTS
+    assert sum("corrupt neuron cache entry" in r.message for r in caplog.records) == 2
+    assert again == good
+    assert json.loads(impossible.read_text())["located"] == json.loads(kept)["located"]
+    assert json.loads(nested.read_text())["format"] == cachemod.FORMAT
+
+
+def test_unwritable_cache_is_one_line_before_any_work(world, llama_dir, write_spec, tmp_path, calls):
+    (tmp_path / "file").write_text("not a folder")
+    spec = write_spec(spec_data(world, llama_dir))
+    r = CliRunner().invoke(
+        main, ["build", str(spec), str(tmp_path / "out"), "--device", "cpu", "--cache", str(tmp_path / "file" / "c")]
+    )
+    assert r.exit_code == 2, r.output
+    assert (
+        r.output.strip()
+        == f"error: neuron cache {tmp_path / 'file' / 'c'}: cannot write there: Not a directory (use --cache DIR or --no-cache)"
+    )
+    assert calls["scores"] == 0 and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_under_the_cache_is_a_warning(world, llama_dir, write_spec, tmp_path, monkeypatch, caplog):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")  # a full disk cannot be made here
+
+    monkeypatch.setattr(cachemod.Cache, "_write", full)
+    spec = write_spec(spec_data(world, llama_dir))
+    with caplog.at_level(logging.WARNING, logger="kn_edit.cache"):
+        got = build(spec, tmp_path / "a", cache=tmp_path / "cache")
+    assert got == build(spec, tmp_path / "b")
+    assert sum("No space left on device" in r.message for r in caplog.records) >= FACTS

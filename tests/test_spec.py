@@ -126,3 +126,24 @@ def test_method_errors_name_the_field_as_written(bert_dir, world, write_spec, me
     path = write_spec(spec)
     r = run_cli("validate", path)
     assert r.exit_code == 2 and f"{path}: {where}: " in r.output and expected in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("new_target", "zorblax", "'zorblax' is not in this model's vocabulary (it becomes the unknown token '[UNK]')"),
+        ("target", "zorblax", "'zorblax' is not in this model's vocabulary"),
+        ("target", "two words", "'two words' is not a single token"),  # at target, not at templates[i]
+        ("subject", "zorblax land", "'zorblax land' has words this model's vocabulary lacks"),
+    ],
+)
+def test_unknown_or_split_words_name_their_field(bert_dir, world, write_spec, tmp_path, field, value, expected):
+    spec = good(bert_dir, world)
+    spec["edits"][0]["update"][field] = value
+    path = write_spec(spec)
+    for args in (("validate", path), ("build", path, tmp_path / "out", "--device", "cpu")):
+        r = run_cli(*args)
+        assert r.exit_code == 2, r.output
+        assert f"{path}: edits[0].update.{field}: {expected}" in r.output, r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..errors import InputError
+from ..model.arch import shape
 from ..model.load import cache_dir
 from .neurons import Located
 from .stage import locate_fact
@@ -82,6 +84,13 @@ def _from_json(d: dict) -> Located:
     )
 
 
+def _fits(x: Located, shape: tuple[int, int]) -> bool:
+    """Whether every neuron of the entry exists in a model of `shape` (layers, neurons per layer)."""
+    layers, width = shape
+    neurons = [n for s in x.coarse for n in s] + list(x.score) + list(x.activation)
+    return all(0 <= l < layers and 0 <= i < width for l, i in neurons)
+
+
 class Cache:
     """Per-fact entries under `root`, for one loaded model (identity) and compute dtype."""
 
@@ -90,6 +99,13 @@ class Cache:
         self.identity = identity
         self.dtype = dtype
         self.hits = self.misses = self.corrupt = 0
+        try:  # found now, not after the first fact has been located
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.rmdir(tempfile.mkdtemp(dir=self.root, prefix=".probe-"))
+        except OSError as e:
+            raise InputError(
+                f"neuron cache {self.root}: cannot write there: {e.strerror} (use --cache DIR or --no-cache)"
+            ) from None
 
     def key(self, fact, method) -> str:
         return _digest(inputs(self.identity, fact, method, self.dtype))
@@ -97,7 +113,7 @@ class Cache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def _read(self, key: str) -> Located | None:
+    def _read(self, key: str, shape: tuple[int, int] | None = None) -> Located | None:
         p = self.path(key)
         if not p.is_file():
             return None
@@ -111,7 +127,9 @@ class Cache:
                 and body["key"] == key == _digest(body["inputs"])
             )
             located = _from_json(body["located"]) if ok else None
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if located is not None and shape is not None and not _fits(located, shape):
+                ok, located = False, None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             ok, located = False, None
             log.debug("unreadable cache entry %s: %s", p, e)
         if not ok:
@@ -139,7 +157,7 @@ class Cache:
         """The fact's located neurons: from the cache when a valid entry exists, else computed and stored."""
         inp = inputs(self.identity, fact, method, self.dtype)
         key = _digest(inp)
-        got = self._read(key)
+        got = self._read(key, shape(model))
         if got is not None:
             self.hits += 1
             for _ in fact.prompts:
@@ -147,5 +165,8 @@ class Cache:
             return got
         self.misses += 1
         located = locate_fact(model, fact, method, compute_dtype, tick)
-        self._write(key, inp, located, {"device": str(next(model.parameters()).device)})
+        try:
+            self._write(key, inp, located, {"device": str(next(model.parameters()).device)})
+        except OSError as e:  # a full disk: the build goes on, the entry is computed again next time
+            log.warning("cannot store neuron cache entry %s: %s", self.path(key), e.strerror or e)
         return located

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+
+HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 
 
 @dataclass
@@ -39,8 +42,8 @@ def resolve(name: str, revision: str | None = None) -> Source:
         return Source("gguf", str(p.resolve()))
     if p.is_dir():
         return Source("folder", str(p.resolve()))
-    if name.startswith((".", "/", "~")):
-        raise ModelError(f"model folder not found: {p}")
+    if name.startswith((".", "/", "~")) or not HUB_ID.match(name):
+        raise ModelError(f"model folder not found: {p}: no such folder (a Hub id is NAME or OWNER/NAME)")
     return Source("hub", name, revision)
 
 
@@ -77,8 +80,8 @@ def gguf_as_folder(gguf: str) -> Path:
     transformers dequantizes GGUF to fp32 on load but refuses to save such a model, so the
     weights go into a model rebuilt from the config."""
     digest = sha256(gguf)
-    folder = cache_dir() / "gguf" / digest[:16]
-    if (folder / "config.json").is_file():
+    folder = _converted(gguf, digest)
+    if _complete(folder):
         return folder
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -90,33 +93,59 @@ def gguf_as_folder(gguf: str) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quant.state_dict())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    except OSError as e:
+        raise ModelError(f"cannot write the GGUF conversion into {folder.parent}: {e.strerror} (set KN_EDIT_CACHE)") from None
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "kn_edit_source.json").write_text(json.dumps({"gguf": fname, "sha256": digest}))
-        os.replace(tmp, folder)
+        (tmp / CONVERTED).write_text(json.dumps({"gguf": fname, "sha256": digest}))  # last: marks it complete
+        publish(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
-def _converted(gguf: str) -> Path:
-    return cache_dir() / "gguf" / sha256(gguf)[:16]
+CONVERTED = "kn_edit_source.json"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / CONVERTED).is_file()
+
+
+def publish(tmp: Path, folder: Path) -> None:
+    """Rename a finished conversion into place. Two processes converting the same file race here:
+    the loser finds the winner's complete folder, uses it and drops its own copy."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not _complete(folder):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _converted(gguf: str, digest: str | None = None) -> Path:
+    return cache_dir() / "gguf" / (digest or sha256(gguf))[:16]
 
 
 def _pretrained_args(src: Source, weights: bool = True) -> tuple[str, dict]:
     """Where from_pretrained reads src. A GGUF file is converted for its weights; its tokenizer and
     config are read from the file itself until a conversion exists (validate converts nothing)."""
     if src.kind == "gguf":
-        if weights or (_converted(src.path) / "config.json").is_file():
+        if weights or _complete(_converted(src.path)):
             return str(gguf_as_folder(src.path)), {}
         return str(Path(src.path).parent), {"gguf_file": Path(src.path).name}
     if src.kind == "hub":
         return src.path, {"revision": src.revision}
     return src.path, {}
+
+
+def _line(e: Exception) -> str:
+    """transformers' messages span lines: one line, at most 300 characters."""
+    return " ".join(str(e).split())[:300]
 
 
 def load_tokenizer(src: Source):
@@ -126,7 +155,7 @@ def load_tokenizer(src: Source):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)
     except OSError as e:
-        raise ModelError(f"cannot load the tokenizer of {src.path!r}: {e}") from None
+        raise ModelError(f"cannot load the tokenizer of {src.path!r}: {_line(e)}") from None
 
 
 def load_config(src: Source):
@@ -136,7 +165,7 @@ def load_config(src: Source):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False, **kw)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the config of {src.path!r}: {e}") from None
+        raise ModelError(f"cannot load the config of {src.path!r}: {_line(e)}") from None
 
 
 def is_causal(src: Source) -> bool:
@@ -153,7 +182,16 @@ def load_model(src: Source, device: str = "cpu"):
 
     path, kw = _pretrained_args(src)
     auto = AutoModelForCausalLM if is_causal(src) else AutoModelForMaskedLM
-    model = auto.from_pretrained(path, dtype="auto", use_safetensors=True, trust_remote_code=False, **kw)
+    if src.kind == "folder" and not list(Path(path).glob("*.safetensors")):
+        pickled = sorted(p.name for p in Path(path).glob("*.bin"))
+        why = f"it has only {', '.join(pickled)}, which kn-edit does not load (pickle files can run code)" if pickled else ""
+        raise ModelError(f"{path}: no *.safetensors weights: {why or 'none found'}; save the model with safetensors")
+    try:
+        model = auto.from_pretrained(path, dtype="auto", use_safetensors=True, trust_remote_code=False, **kw)
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many kinds of error
+        if isinstance(e, MemoryError):
+            raise
+        raise ModelError(f"cannot load the weights of {src.path!r}: {type(e).__name__}: {_line(e)}") from None
     arch_of(model)  # fail early on unsupported architectures
     native = model.dtype
     model = model.to(device=device, dtype=torch.float32).eval()
@@ -164,7 +202,7 @@ def load_model(src: Source, device: str = "cpu"):
 def _identity(src: Source, path: str, model) -> dict:
     ident = {"kind": src.kind, "name": src.path if src.kind != "gguf" else Path(src.path).name}
     if src.kind == "gguf":
-        ident["sha256"] = json.loads((Path(path) / "kn_edit_source.json").read_text())["sha256"]
+        ident["sha256"] = json.loads((Path(path) / CONVERTED).read_text())["sha256"]
     if src.kind == "hub":
         ident["revision"] = getattr(model.config, "_commit_hash", None) or _cached_commit(src) or src.revision
     if src.kind == "folder":

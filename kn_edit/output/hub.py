@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PushError, PushRefused
+from ..model.load import sha256
 from . import card
+from .checkpoint import MANIFEST, read_manifest
 from .report import REPORT, SPEC_COPY, Report
 
 
@@ -48,13 +50,25 @@ def plan(folder, repo_id: str, *, force=False, revision=None, private=None, crea
         )
     forced = status != "passed"
     text = card.render(report, spec_text, model_name=repo_id, forced=forced)
-    files = sorted(
-        (p.relative_to(folder).as_posix(), p.stat().st_size)
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
-    files = [f for f in files if f[0] != card.CARD] + [(card.CARD, len(text.encode()))]
-    return Plan(folder, repo_id, status, forced, sorted(files), text, revision, private, create_pr)
+    files = [(name, (folder / name).stat().st_size) for name in _checkpoint_files(folder) if name != card.CARD]
+    files.append((card.CARD, len(text.encode())))
+    listed = {name for name, _ in files}
+    notes = [f"not published (not part of the checkpoint): {p.relative_to(folder).as_posix()}"
+             for p in sorted(folder.rglob("*")) if p.relative_to(folder).as_posix() not in listed and not p.is_dir()]  # fmt: skip
+    return Plan(folder, repo_id, status, forced, sorted(files), text, revision, private, create_pr, notes)
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    """The files the build wrote (its manifest, and the manifest itself), each checked to be a
+    plain file inside the folder, unchanged since the build: nothing else is ever uploaded."""
+    files = read_manifest(folder)
+    for name in [*files, MANIFEST]:
+        p = folder / name
+        if p.is_symlink() or not p.is_file() or folder.resolve() not in p.resolve().parents:
+            raise PushRefused(f"{p}: part of the checkpoint but not a plain file inside {folder}")
+        if name in files and name != card.CARD and sha256(p) != files[name]:
+            raise PushRefused(f"{p}: changed since the build; run kn-edit verify")
+    return sorted([*files, MANIFEST])
 
 
 def _endpoint() -> str:
@@ -79,6 +93,9 @@ def push(p: Plan, *, token: str | None = None, endpoint: str | None = None, say=
         raise PushError("no Hugging Face token: set HF_TOKEN (or run `hf auth login`).")
     api = HfApi(endpoint=endpoint or _endpoint(), token=token)
     branch = p.revision or "main"
+    say(f"publishing {len(p.files)} files: {', '.join(name for name, _ in p.files)}")
+    for n in p.notes:
+        say(n)
     step = "create the repository"
     try:
         url = api.create_repo(p.repo_id, private=p.private, exist_ok=True, repo_type="model")
@@ -126,6 +143,7 @@ def describe(p: Plan) -> list[str]:
     where += f"{', private' if p.private else ''})"
     lines = [f"would push {p.folder} -> {where}, status {p.status}{' (FORCED)' if p.forced else ''}:"]
     lines += [f"  {path}  {size} bytes" for path, size in p.files]
+    lines += [f"  ({n})" for n in p.notes]
     lines.append(f"  total {sum(s for _, s in p.files)} bytes in {len(p.files)} files (README.md: the card made for this push)")
     return lines
 

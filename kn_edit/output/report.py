@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..errors import InputError
 from ..measure.metrics import failed
 from ..model import arch
 
@@ -194,7 +195,7 @@ class Report(_Model):
 
     @classmethod
     def read(cls, path) -> Report:
-        return cls.model_validate_json(Path(path).read_text())
+        return _read(cls, path)
 
     def failed_gates(self) -> list[GateResult]:
         return [r for r in (self.gates.results if self.gates else []) if not r.passed]
@@ -234,7 +235,16 @@ class NeuronsDoc(_Model):
 
     @classmethod
     def read(cls, path) -> NeuronsDoc:
-        return cls.model_validate_json(Path(path).read_text())
+        return _read(cls, path)
+
+
+def _read(cls, path):
+    """A JSON document of the checkpoint; anything unreadable is bad input, said in one line."""
+    try:
+        return cls.model_validate_json(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        why = e.strerror if isinstance(e, OSError) else " ".join(str(e).split())[:300]
+        raise InputError(f"{path}: cannot read it as a kn-edit {cls.__name__}: {why}") from None
 
 
 # ---- built from the edit records --------------------------------------------------------------

@@ -16,7 +16,7 @@ from ..locate.neurons import Located, Neuron
 from ..model import load as loading
 from ..spec import Spec
 from ..spec import load as load_spec
-from .prompts import Prompt, PromptError, encode, target_id
+from .prompts import Prompt, PromptError, encode, target_id, unknown
 
 
 @dataclass
@@ -126,16 +126,26 @@ def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = Non
     return Batch(spec, text, file, src, tok, causal, edits, facts_of_verify(spec, tok, causal, file), used)
 
 
-def fact(tok, causal, subject, target, texts, where, problems, relation: str = "") -> Fact | None:
+def fact(tok, causal, subject, target, texts, where, problems, relation: str = "", at: str = "") -> Fact | None:
+    """`where`: the field path of the prompts (templates, prompts), `at` that of the subject and target."""
+    if subject and unknown(tok, subject):
+        problems.append((f"{at}.subject", f"{subject!r} has words this model's vocabulary lacks (they become {tok.unk_token!r})"))
+        return None
     prompts, tid = [], None
     for i, text in enumerate(texts):
         try:
-            p = encode(tok, text, causal, subject)
-            prompts.append(p)
-            tid = target_id(tok, p, target, causal)
+            prompts.append(encode(tok, text, causal, subject))
         except PromptError as e:
             problems.append((f"{where}[{i}]", str(e)))
-    return Fact(subject, target, tid, prompts, relation) if tid is not None and len(prompts) == len(texts) else None
+    if len(prompts) < len(texts):
+        return None
+    try:
+        for p in prompts:
+            tid = target_id(tok, p, target, causal)
+    except PromptError as e:
+        problems.append((f"{at}.target", str(e)))
+        return None
+    return Fact(subject, target, tid, prompts, relation)
 
 
 def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tuple[list[Edit], str | None]:
@@ -150,7 +160,9 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
         if edit.update is not None:
             u = edit.update
             field_name = "templates" if u.templates is not None else "prompts"
-            main = fact(tok, causal, u.subject or "", u.target, u.fact_prompts(), f"{base}.{field_name}", problems, u.relation)
+            main = fact(
+                tok, causal, u.subject or "", u.target, u.fact_prompts(), f"{base}.{field_name}", problems, u.relation, base
+            )
             new_id = None
             if main is not None:
                 try:
@@ -164,9 +176,10 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
                     f.subject,
                     f.target,
                     u.fact_prompts(f.subject),
-                    f"{base}.relation_facts[{j}]",
+                    f"{base}.templates",
                     problems,
                     u.relation,
+                    f"{base}.relation_facts[{j}]",
                 )
                 for j, f in enumerate(u.relation_facts)
             ]
@@ -192,9 +205,10 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
                     f.subject,
                     f.target,
                     [t.replace("[X]", f.subject) for t in e.templates],
-                    f"{base}.facts[{j}]",
+                    f"{base}.templates",
                     problems,
                     e.relation,
+                    f"{base}.facts[{j}]",
                 )
                 for j, f in enumerate(e.facts)
             ]
@@ -230,7 +244,8 @@ def facts_of_verify(spec: Spec, tok, causal, file="<spec>") -> list[tuple[str, F
     for i, g in enumerate(spec.verify.facts):
         for j, f in enumerate(g.facts):
             texts = [t.replace("[X]", f.subject) for t in g.templates]
-            pf = fact(tok, causal, f.subject, f.target, texts, f"verify.facts[{i}].facts[{j}]", problems, g.relation)
+            at = f"verify.facts[{i}]"
+            pf = fact(tok, causal, f.subject, f.target, texts, f"{at}.templates", problems, g.relation, f"{at}.facts[{j}]")
             if pf is not None:
                 out.append((g.relation, pf))
     if problems:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..spec import EditSpec, Erase, Spec, SpecError, Update, _check_templates
-from .prompts import PromptError, causal_ok, encode, target_id
+from .prompts import PromptError, causal_ok, encode, target_id, unknown
 
 ENV = "KN_EDIT_PARAREL"
 PAIRS = ("query_pairs.json", "authors/query_pairs.json")
@@ -100,7 +100,10 @@ def usable_templates(all_templates: list[str], causal: bool) -> list[str]:
 
 
 def single_token(tok, causal: bool, temps: list[str], subject: str, target: str) -> bool:
-    """Whether target is one token at the answer position of every prompt of the fact."""
+    """Whether target is one token at the answer position of every prompt of the fact (and the
+    subject has no unknown words)."""
+    if unknown(tok, subject):
+        return False
     try:
         for t in temps:
             target_id(tok, encode(tok, t.replace("[X]", subject), causal), target, causal)

@@ -74,4 +74,12 @@ def target_id(tok, prompt: Prompt, word: str, causal: bool) -> int:
     if not ok:
         pieces = tok.tokenize(word if not causal else f" {word}")
         raise PromptError(f"{word!r} is not a single token of this model's vocabulary (it splits into {pieces})")
+    if tid is not None and tid == getattr(tok, "unk_token_id", None) and word != tok.unk_token:
+        raise PromptError(f"{word!r} is not in this model's vocabulary (it becomes the unknown token {tok.unk_token!r})")
     return tid
+
+
+def unknown(tok, text: str) -> bool:
+    """Whether some of `text` becomes the tokenizer's unknown token."""
+    unk = getattr(tok, "unk_token_id", None)
+    return unk is not None and unk in tok(text, add_special_tokens=False).input_ids
