@@ -149,12 +149,12 @@ def load_model(src: Source, device: str = "cpu"):
     """The model in fp32 on `device` (eval mode), and the dtype its checkpoint is stored in."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from .arch import arch_of
+    from .arch import check
 
     path, kw = _pretrained_args(src)
     auto = AutoModelForCausalLM if is_causal(src) else AutoModelForMaskedLM
     model = auto.from_pretrained(path, dtype="auto", use_safetensors=True, trust_remote_code=False, **kw)
-    arch_of(model)  # fail early on unsupported architectures
+    check(model)  # fail early on unsupported architectures
     native = model.dtype
     model = model.to(device=device, dtype=torch.float32).eval()
     src.identity.update(_identity(src, path, model))
