@@ -30,6 +30,7 @@ FAMILIES = {
     "xlm-roberta": ("xlm-roberta", dict(pad_token_id=1, **SMALL)),
     "electra": ("electra", dict(embedding_size=32, **SMALL)),
     "distilbert": ("distilbert", dict(dim=32, hidden_dim=64, n_heads=4, n_layers=3, vocab_size=V)),
+    "modernbert": ("modernbert", dict(local_attention=4, global_attn_every_n_layers=2, **SMALL)),  # fused GLU, local windows
     "gpt2": ("gpt2", dict(n_embd=32, n_inner=64, n_head=4, n_layer=3, vocab_size=V)),
     "llama": ("llama", GQA),
     "mistral": ("mistral", dict(sliding_window=4, **GQA)),  # window < prompt: sliding masks matter

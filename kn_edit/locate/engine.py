@@ -77,22 +77,21 @@ class BlockInputs:
     mask: list | None = None  # per layer: additive attention mask
 
 
-def causal_masks(model, q: torch.Tensor, k: int, dtype) -> list | None:
-    """Per layer, the additive mask [1, 1, len(q), k] of causal attention from positions q to
-    positions 0..k-1; a sliding-window layer sees its last config.sliding_window positions only
-    (the layers marked so in config.layer_types, or all layers when the config has a window and
-    no layer types). None when a causal LM masks nothing there (a masked LM: always None)."""
-    if not arch.arch_of(model).causal:
-        return None
+def attention_masks(model, q: torch.Tensor, k: int, dtype) -> list | None:
+    """Per layer, the additive mask [1, 1, len(q), k] of attention from positions q to positions 0..k-1:
+    causal for a causal LM; a sliding-window layer (marked so in config.layer_types, or every layer
+    when the config has a window and no layer types) sees the last config.sliding_window positions
+    (causal) or those within config.sliding_window either side (masked LM). None when nothing is masked."""
     cfg, L = model.config, len(arch.blocks(model))
+    causal = arch.arch_of(model).causal
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * L
-    keys = torch.arange(k, device=q.device)
+    d = q[:, None] - torch.arange(k, device=q.device)[None]
     out, masked = [], False
     for t in types[:L]:
-        ok = keys[None] <= q[:, None]
+        ok = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
         if window and t == "sliding_attention":
-            ok &= q[:, None] - keys[None] < window
+            ok &= d < window if causal else d.abs() <= window
         masked |= not bool(ok.all())
         out.append(torch.zeros(ok.shape, dtype=dtype, device=q.device).masked_fill(~ok, torch.finfo(dtype).min)[None, None])
     return out if masked else None
@@ -115,7 +114,7 @@ def block_inputs(model, ids: torch.Tensor, out) -> BlockInputs:
     layers = out.past_key_values.layers
     kv = PrefixKV([x.keys[:, :, :-1].detach() for x in layers], [x.values[:, :, :-1].detach() for x in layers])
     last = torch.tensor([ids.shape[1] - 1], device=ids.device)
-    return BlockInputs(kv, arch.rope(model, h[:, -1:], last[None]), causal_masks(model, last, ids.shape[1], h.dtype))
+    return BlockInputs(kv, arch.rope(model, h[:, -1:], last[None]), attention_masks(model, last, ids.shape[1], h.dtype))
 
 
 class WholeKV:
@@ -175,10 +174,10 @@ def run_block(model, layer: int, h: torch.Tensor, inputs: BlockInputs) -> torch.
 def sequence_inputs(model, h: torch.Tensor) -> BlockInputs:
     """What a block needs to run on whole sequences [rows, S, hidden] from position 0, without padding
     (a causal LM's rows get causal masks: eager attention does not mask itself; a masked LM's rows
-    have no padding)."""
+    have no padding, and masks only where a sliding window hides some positions)."""
     pos = torch.arange(h.shape[1], device=h.device)
     return BlockInputs(
-        rope=arch.rope(model, h, pos[None].expand(h.shape[0], -1)), mask=causal_masks(model, pos, h.shape[1], h.dtype)
+        rope=arch.rope(model, h, pos[None].expand(h.shape[0], -1)), mask=attention_masks(model, pos, h.shape[1], h.dtype)
     )
 
 
