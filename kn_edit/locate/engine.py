@@ -87,14 +87,19 @@ def attention_masks(model, q: torch.Tensor, k: int, dtype) -> list | None:
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * L
     d = q[:, None] - torch.arange(k, device=q.device)[None]
-    out, masked = [], False
-    for t in types[:L]:
+    by_type = {}
+    for t in set(types[:L]):
         ok = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
         if window and t == "sliding_attention":
             ok &= d < window if causal else d.abs() <= window
-        masked |= not bool(ok.all())
-        out.append(torch.zeros(ok.shape, dtype=dtype, device=q.device).masked_fill(~ok, torch.finfo(dtype).min)[None, None])
-    return out if masked else None
+        by_type[t] = ok
+    if all(bool(ok.all()) for ok in by_type.values()):
+        return None
+    masks = {
+        t: torch.zeros(ok.shape, dtype=dtype, device=q.device).masked_fill(~ok, torch.finfo(dtype).min)[None, None]
+        for t, ok in by_type.items()
+    }
+    return [masks[t] for t in types[:L]]
 
 
 def cache_kwargs(model) -> dict:
