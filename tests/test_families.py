@@ -169,3 +169,24 @@ def test_rules_writing_embeddings_need_slots_of_their_size():
     ):
         with pytest.raises(ValueError, match=r"output embedding \(16\) and value slots \(32\) differ in size"):
             write()
+
+
+@pytest.mark.parametrize("name", ["gemma3", "modernbert", "opt"])
+def test_build_end_to_end(name, world, write_spec, tmp_path):
+    """A whole build (locate, solve, verify, save) on an untrained model of the family with a real tokenizer."""
+    import synth
+    from conftest import build, update_edit
+
+    model_type, kw = FAMILIES[name]
+    tok = synth.tokenizer(world, arch.for_type(model_type).causal)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, **{**kw, "vocab_size": len(tok), "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
+    )
+    auto(model_type).from_config(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    spec = {"model": str(tmp_path / "base"), "method": {"steps": 4}, "verify": {"safety": False}}
+    report = build(write_spec({**spec, "edits": [update_edit(world, "capital", 2)]}), tmp_path / "out")
+    assert report["changed_tensors"] and all(arch.for_type(model_type).value in t for t in report["changed_tensors"])
+    base, edited = (auto(model_type).from_pretrained(tmp_path / d).state_dict() for d in ("base", "out"))
+    assert sorted(k for k in base if not torch.equal(base[k], edited[k])) == sorted(report["changed_tensors"])
