@@ -28,6 +28,7 @@ FAMILIES = {
     "bert": ("bert", SMALL),
     "roberta": ("roberta", dict(pad_token_id=1, **SMALL)),
     "xlm-roberta": ("xlm-roberta", dict(pad_token_id=1, **SMALL)),
+    "camembert": ("camembert", dict(pad_token_id=1, **SMALL)),
     "electra": ("electra", dict(embedding_size=32, **SMALL)),
     "electra-small-embeddings": ("electra", dict(embedding_size=16, **SMALL)),  # the generator head maps 32 -> 16
     "distilbert": ("distilbert", dict(dim=32, hidden_dim=64, n_heads=4, n_layers=3, vocab_size=V)),
@@ -39,6 +40,7 @@ FAMILIES = {
     "qwen3": ("qwen3", dict(head_dim=8, **GQA)),
     "olmo": ("olmo", GQA),
     "olmo2": ("olmo2", GQA),
+    "olmo3": ("olmo3", dict(sliding_window=4, layer_types=SLIDING, **GQA)),
     "gemma": ("gemma", dict(head_dim=8, **GQA)),
     "gemma2": ("gemma2", dict(head_dim=8, sliding_window=4, final_logit_softcapping=5.0, layer_types=SLIDING, **GQA)),
     "gemma3": ("gemma3_text", dict(head_dim=8, sliding_window=4, final_logit_softcapping=5.0, layer_types=SLIDING, **GQA)),
