@@ -45,12 +45,18 @@ class UnsupportedModel(ModelError):
     pass
 
 
+REQUIRED = ("model_types", "causal", "blocks", "value", "output")
+
+
 @cache
 def table() -> dict[str, Arch]:
     """model_type -> Arch, from architectures.yaml."""
     raw = yaml.safe_load((resources.files(__package__) / "architectures.yaml").read_text())
     out = {}
     for name, entry in raw.items():
+        lacking = [k for k in REQUIRED if k not in entry and "unsupported" not in entry]
+        if lacking:
+            raise ValueError(f"architectures.yaml: entry {name!r} lacks {', '.join(lacking)}")
         entry = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
         for key in ("requires", "block_args"):
             entry[key] = tuple(entry.get(key, {}).items())
@@ -95,7 +101,8 @@ def check(model) -> Arch:
     if not missing:
         block = get(model, a.blocks)[0]
         missing = [(k, p, "a block") for k, p in on_block.items() if p and not _has(block, p)]
-    for key, path, where in missing[:1]:
+    if missing:
+        key, path, where = missing[0]
         raise UnsupportedModel(
             f"{t!r}: {key} {path!r} of the architectures.yaml entry {a.name!r} is not in {where} ({type(model).__name__})"
         )
