@@ -77,7 +77,7 @@ class Fact:
 
 
 @contextlib.contextmanager
-def scaled(model, neurons, pos, factor):
+def scaled(model, neurons, pos, seq, factor):
     """Activations of `neurons` at the answer position multiplied by factor (0: suppress, 2: amplify)."""
     by_layer = {}
     for l, i in neurons:
@@ -93,7 +93,7 @@ def scaled(model, neurons, pos, factor):
 
     with contextlib.ExitStack() as stack:
         for l, idx in by_layer.items():
-            stack.enter_context(attribution.patched(model, l, fn(idx)))
+            stack.enter_context(attribution.patched(model, l, fn(idx), seq))
         yield
 
 
@@ -229,7 +229,7 @@ def main(argv=None):
                 for k in (0, 2):
                     ps = []
                     for p, b in zip(f.prompts, base):
-                        with scaled(model, ns, p.pos, k):
+                        with scaled(model, ns, p.pos, len(p.ids), k):
                             ps.append((float(predict(model, p)[f.tid]) - b) / b)
                     out[f"{name}{k}"] = mean(ps)
             return out

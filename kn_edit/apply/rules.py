@@ -38,7 +38,7 @@ def deltas(
     plain:   delta = -l1 e_t + l2 e_t'
     With `signs`, a neuron whose activation is negative gets the opposite direction: its
     slot enters the output multiplied by a negative number."""
-    emb = arch.output_embedding(model)
+    emb = _embedding_in_value_space(model)
     e_old, e_new = emb[old_id].float(), emb[new_id].float()
     out = {}
     for layer, i in neurons:
@@ -147,11 +147,22 @@ def search_scale(
     return Search(scales[-1], False, r, len(scales))
 
 
+def _embedding_in_value_space(model) -> torch.Tensor:
+    """The output embedding, for rules that write word embeddings into value slots: only where both have one size."""
+    emb, hidden = arch.output_embedding(model), arch.value_slots(model, 0).shape[1]
+    if emb.shape[1] != hidden:
+        raise ValueError(
+            f"this model's output embedding ({emb.shape[1]}) and value slots ({hidden}) differ in size, so the "
+            "paper's rules cannot write embeddings into slots; use update.rule / erase.rule: solve"
+        )
+    return emb
+
+
 @torch.no_grad()
 def erase(model, neurons: list[Neuron], value: str, unk_id: int | None) -> None:
-    emb = arch.output_embedding(model)
     if value == "unk" and unk_id is None:
         raise ValueError("this model's tokenizer has no unknown token; use erase_value: zero")
+    emb = _embedding_in_value_space(model) if value == "unk" else None
     for layer, i in neurons:
         slots = arch.value_slots(model, layer)
         slots[i] = emb[unk_id].to(slots.dtype) if value == "unk" else 0.0

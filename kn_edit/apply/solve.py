@@ -100,7 +100,7 @@ def _logits(model, rows: _Rows, layer: int) -> torch.Tensor:
     inputs = engine.sequence_inputs(model, h)
     for l in range(layer, len(arch.blocks(model))):
         h = engine.run_block(model, l, h, inputs)
-    return model.get_output_embeddings()(arch.head_input(model, h[rows.at])).float()
+    return arch.logits(model, h[rows.at]).float()
 
 
 class _Delta:

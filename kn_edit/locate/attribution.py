@@ -32,9 +32,13 @@ from . import engine
 
 
 @contextlib.contextmanager
-def patched(model, layer: int, fn):
-    """Replace the input of layer's W2 (the neuron activations) by fn(activations)."""
-    h = arch.value_module(model, layer).register_forward_pre_hook(lambda mod, args: (fn(args[0]),) + args[1:])
+def patched(model, layer: int, fn, seq: int):
+    """Replace the input of layer's W2 (the neuron activations, [batch, seq, I]) by fn(activations)."""
+
+    def hook(mod, args):
+        return (fn(arch.by_position(model, args[0], seq)).reshape(args[0].shape),) + args[1:]
+
+    h = arch.value_module(model, layer).register_forward_pre_hook(hook)
     try:
         yield
     finally:
@@ -42,12 +46,12 @@ def patched(model, layer: int, fn):
 
 
 @contextlib.contextmanager
-def recorded(model, pos: int, store: dict):
-    """Record every layer's activations at position pos (rows of the batch kept)."""
+def recorded(model, pos: int, store: dict, seq: int):
+    """Record every layer's activations at position pos of sequences of length seq (rows of the batch kept)."""
     L = arch.shape(model)[0]
     hooks = [
         arch.value_module(model, l).register_forward_pre_hook(
-            lambda mod, args, l=l: store.__setitem__(l, args[0][:, pos].detach())
+            lambda mod, args, l=l: store.__setitem__(l, arch.by_position(model, args[0], seq)[:, pos].detach())
         )
         for l in range(L)
     ]
@@ -73,7 +77,7 @@ def clean_activations(model, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor
     """[L, I] activations at the answer position, and the [vocab] output probabilities there."""
     ids = torch.tensor([prompt.ids], device=model.device)
     store: dict = {}
-    with torch.no_grad(), recorded(model, prompt.pos, store):
+    with torch.no_grad(), recorded(model, prompt.pos, store, len(prompt.ids)):
         logits = model(ids).logits[0, prompt.pos]
     return torch.stack([store[l][0] for l in range(len(store))]).float(), logits.float().softmax(-1)
 
@@ -86,7 +90,7 @@ def reference(model, prompt: Prompt, target: int, steps: int = 20) -> torch.Tens
     scores = torch.zeros_like(acts)
     for l in range(acts.shape[0]):
         scaled = (alphas[:, None] * acts[l][None]).requires_grad_(True)
-        with patched(model, l, lambda x: _replace_at(x, 0, prompt.pos, scaled)):
+        with patched(model, l, lambda x: _replace_at(x, 0, prompt.pos, scaled), len(prompt.ids)):
             logits = model(ids).logits[:, prompt.pos]
         p = logits.float().softmax(-1)[:, target]
         (grad,) = torch.autograd.grad(p.sum(), scaled)
@@ -123,8 +127,14 @@ def _fast(model, prompt, target, steps, dtype, max_rows):
     L, _ = arch.shape(model)
     ids = torch.tensor([prompt.ids], device=model.device)
     store, taps = {}, {}
-    with torch.no_grad(), recorded(model, prompt.pos, store), engine.ffn_taps(model, prompt.pos, taps), _autocast(model, dtype):
-        out = model(ids, use_cache=a.causal, output_hidden_states=True)
+    seq = ids.shape[1]
+    with (
+        torch.no_grad(),
+        recorded(model, prompt.pos, store, seq),
+        engine.ffn_taps(model, prompt.pos, taps, seq),
+        _autocast(model, dtype),
+    ):
+        out = model(ids, output_hidden_states=True, **engine.cache_kwargs(model))
     inputs = engine.block_inputs(model, ids, out)
     acts = [store[l][0].float() for l in range(L)]
     if max_rows is None:
@@ -150,7 +160,11 @@ def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, target, steps
         with _autocast(model, dtype):
             if h is not None:
                 # masked LMs: the top block runs for the answer position alone
-                h = engine.run_block_at(model, l, h, pos) if l == top and not a.causal else engine.run_block(model, l, h, inputs)
+                h = (
+                    engine.run_block_at(model, l, h, pos, inputs)
+                    if l == top and not a.causal
+                    else engine.run_block(model, l, h, inputs)
+                )
             if l in layers:
                 leaf = (alphas[:, None] * acts[l][None]).requires_grad_(True)
                 leaves.append(leaf)
@@ -162,13 +176,14 @@ def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, target, steps
                 h = rows if h is None else torch.cat([h, rows.to(h.dtype)])
     with _autocast(model, dtype):
         x = arch.head_input(model, h[:, 0])  # one position left: the answer
-    out = model.get_output_embeddings()
-    p = TargetProb.apply(x, out.weight, out.bias, target)
+    out = arch.output_module(model)
+    p = TargetProb.apply(x, out.weight, out.bias, target, arch.softcap(model))
     return list(torch.autograd.grad(p.sum(), leaves))
 
 
 class TargetProb(torch.autograd.Function):
-    """p(target) = softmax(x W^T + b)[target] per row, and its gradient w.r.t. x only.
+    """p(target) = softmax(x W^T + b)[target] per row, and its gradient w.r.t. x only (with `cap`,
+    the logits z are soft-capped first: cap * tanh(z / cap)).
 
     The same numbers as autograd through logits -> softmax -> index, without its extra
     [rows, vocab] tensors (the softmax output, its gradient, the zero-filled index gradient):
@@ -177,14 +192,18 @@ class TargetProb(torch.autograd.Function):
     fresh pages on every call)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target):
+    def forward(ctx, x, weight, bias, target, cap=None):
         w = weight.to(x.dtype)
         rows = max(1, (1 << 22) // weight.shape[0])
-        soft = []
+        soft, slope = [], []
         for xs in x.split(rows):
             z = (xs @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), xs, w.t())).float()
+            if cap:
+                z = torch.tanh(z / cap)
+                slope.append(1 - z * z)  # d capped / d z
+                z = cap * z
             soft.append(z.softmax(-1))
-        ctx.soft, ctx.target, ctx.rows = soft, target, rows
+        ctx.soft, ctx.slope, ctx.target, ctx.rows = soft, slope, target, rows
         ctx.save_for_backward(w)
         return torch.cat([s[:, target] for s in soft])
 
@@ -193,13 +212,15 @@ class TargetProb(torch.autograd.Function):
         (w,) = ctx.saved_tensors
         t, out = ctx.target, []
         # d p_t / d z = p_t (onehot_t - softmax(z))
-        for s, g in zip(ctx.soft, grad.float().split(ctx.rows)):
+        for k, (s, g) in enumerate(zip(ctx.soft, grad.float().split(ctx.rows))):
             c = g * s[:, t]
             s.mul_(-c[:, None])
             s[:, t] += c
+            if ctx.slope:
+                s.mul_(ctx.slope[k])
             out.append(s.to(w.dtype) @ w)
-        ctx.soft = None
-        return torch.cat(out), None, None, None
+        ctx.soft = ctx.slope = None
+        return torch.cat(out), None, None, None, None
 
 
 def layer_groups(L: int, steps: int, max_rows: int) -> list[range]:

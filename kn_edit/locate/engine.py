@@ -5,6 +5,8 @@ Module paths come from model/arch.py; nothing here names a family."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -13,18 +15,21 @@ from ..model import arch
 
 
 @contextlib.contextmanager
-def ffn_taps(model, pos: int, store: dict):
-    """Record per layer l: store[l]["out"], the block's output [batch, seq, hidden], and
-    store[l]["residual"], what the FFN's output is added to at position pos."""
+def ffn_taps(model, pos: int, store: dict, seq: int):
+    """Record per layer l, for sequences of length seq: store[l]["out"], the block's output [batch, seq, hidden], and
+    store[l]["residual"], what the FFN's output (after its ffn_norm, if any) is added to at position pos."""
     a = arch.arch_of(model)
     hooks = []
 
     def keep(rec, key, x):
-        rec[key] = x.detach()
+        rec[key] = x.detach().clone()  # blocks may add to the FFN's output in place (Falcon)
 
     for l, block in enumerate(arch.blocks(model)):
         rec = store.setdefault(l, {})
-        hooks.append(arch.get(block, a.value).register_forward_hook(lambda m, args, out, rec=rec: keep(rec, "y", out[:, pos])))
+        ffn_out = arch.get(block, a.ffn_norm or a.value)
+        hooks.append(
+            ffn_out.register_forward_hook(lambda m, args, out, rec=rec: keep(rec, "y", arch.by_position(model, out, seq)[:, pos]))
+        )
         if a.post_norm:
             hooks.append(
                 arch.get(block, a.post_norm).register_forward_pre_hook(lambda m, args, rec=rec: keep(rec, "sum", args[0][:, pos]))
@@ -44,8 +49,10 @@ def ffn_taps(model, pos: int, store: dict):
 def ffn_output(model, layer: int, residual: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
     """The block's output at the tapped position when its neuron activations are `act` [rows, I]."""
     a = arch.arch_of(model)
-    v = residual + arch.value_module(model, layer)(act).to(residual.dtype)
-    return arch.get(arch.blocks(model)[layer], a.post_norm)(v) if a.post_norm else v
+    block = arch.blocks(model)[layer]
+    y = arch.value_module(model, layer)(act)
+    v = residual + (arch.get(block, a.ffn_norm)(y) if a.ffn_norm else y).to(residual.dtype)
+    return arch.get(block, a.post_norm)(v) if a.post_norm else v
 
 
 class PrefixKV:
@@ -66,22 +73,53 @@ class BlockInputs:
     """What a block needs besides its hidden states, for re-running blocks from the middle."""
 
     kv: PrefixKV | None = None
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope: list | None = None  # per layer: rotary (cos, sin)
+    mask: list | None = None  # per layer: additive attention mask
+
+
+def attention_masks(model, q: torch.Tensor, k: int, dtype) -> list | None:
+    """Per layer, the additive mask [1, 1, len(q), k] of attention from positions q to positions 0..k-1:
+    causal for a causal LM; a sliding-window layer (marked so in config.layer_types, or every layer
+    when the config has a window and no layer types) sees the last config.sliding_window positions
+    (causal) or those within config.sliding_window either side (masked LM). None when nothing is masked."""
+    cfg, L = model.config, len(arch.blocks(model))
+    causal = arch.arch_of(model).causal
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * L
+    d = q[:, None] - torch.arange(k, device=q.device)[None]
+    by_type = {}
+    for t in set(types[:L]):
+        ok = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
+        if window and t == "sliding_attention":
+            ok &= d < window if causal else d.abs() <= window
+        by_type[t] = ok
+    if all(bool(ok.all()) for ok in by_type.values()):
+        return None
+    masks = {
+        t: torch.zeros(ok.shape, dtype=dtype, device=q.device).masked_fill(~ok, torch.finfo(dtype).min)[None, None]
+        for t, ok in by_type.items()
+    }
+    return [masks[t] for t in types[:L]]
+
+
+def cache_kwargs(model) -> dict:
+    """For the clean pass of a causal LM: a cache keeping every position's keys and values (the
+    model's own would keep only a sliding window's on such layers; the masks say what is seen)."""
+    from transformers import DynamicCache
+
+    return {"use_cache": True, "past_key_values": DynamicCache()} if arch.arch_of(model).causal else {"use_cache": False}
 
 
 def block_inputs(model, ids: torch.Tensor, out) -> BlockInputs:
-    """From a full forward pass (use_cache=True) over `ids` [1, S], what is needed to run the
-    blocks again on the last position alone (causal) or on the whole sequence (masked)."""
-    a = arch.arch_of(model)
-    if not a.causal:
-        return BlockInputs()
+    """From a full forward pass (cache_kwargs, output_hidden_states=True) over `ids` [1, S], what
+    is needed to run the blocks again on the last position alone (causal) or on the whole sequence (masked)."""
+    h = out.hidden_states[0]
+    if not arch.arch_of(model).causal:
+        return sequence_inputs(model, h)
     layers = out.past_key_values.layers
     kv = PrefixKV([x.keys[:, :, :-1].detach() for x in layers], [x.values[:, :, :-1].detach() for x in layers])
-    rope = None
-    if a.rotary:
-        pos = torch.tensor([[ids.shape[1] - 1]], device=ids.device)
-        rope = arch.get(model, a.rotary)(out.hidden_states[0][:, -1:], pos)
-    return BlockInputs(kv, rope)
+    last = torch.tensor([ids.shape[1] - 1], device=ids.device)
+    return BlockInputs(kv, arch.rope(model, h[:, -1:], last[None]), attention_masks(model, last, ids.shape[1], h.dtype))
 
 
 class WholeKV:
@@ -94,39 +132,58 @@ class WholeKV:
         return self.keys, self.values
 
 
-def run_block_at(model, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+def run_block_at(model, layer: int, h: torch.Tensor, pos: int, inputs: BlockInputs) -> torch.Tensor:
     """A masked LM's block output at position pos only, [rows, 1, hidden]: keys and values come
     from every position, the query, attention output and FFN from pos alone (the top block
-    needs nothing else)."""
+    needs nothing else). Families without an `attention` entry run the whole block."""
     block = arch.blocks(model)[layer]
-    sa = arch.get(block, arch.arch_of(model).attention)
+    a = arch.arch_of(model)
+    if not a.attention:
+        return run_block(model, layer, h, inputs)[:, pos : pos + 1]
+    sa = arch.get(block, a.attention)
     shape = (*h.shape[:-1], -1, sa.attention_head_size)
     k = sa.key(h).view(shape).transpose(1, 2)
     v = sa.value(h).view(shape).transpose(1, 2)
     # contiguous: a strided 3-d input sends nn.Linear to a batched matmul over copies of the weight
-    out = block(h[:, pos : pos + 1].contiguous(), past_key_values=WholeKV(k, v))
+    out = block(h[:, pos : pos + 1].contiguous(), **{cache_arg(block): WholeKV(k, v)})
     return out[0] if isinstance(out, tuple) else out
+
+
+@functools.cache
+def _params(forward) -> frozenset:
+    return frozenset(inspect.signature(forward).parameters)
+
+
+def cache_arg(block) -> str:
+    """The name under which `block` takes its key/value cache (it differs between families)."""
+    names = _params(type(block).forward)
+    for name in ("cache", "past_key_values", "layer_past"):
+        if name in names:
+            return name
+    raise arch.UnsupportedModel(f"{type(block).__name__}.forward takes no key/value cache (cache, past_key_values, layer_past)")
 
 
 def run_block(model, layer: int, h: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
     block = arch.blocks(model)[layer]
     kw = {}
-    if inputs.kv is not None:
-        kw["past_key_values"] = inputs.kv
     if inputs.rope is not None:
-        kw["position_embeddings"] = inputs.rope
+        kw["position_embeddings"] = inputs.rope[layer]
+    if inputs.kv is not None:
+        kw[cache_arg(block)] = inputs.kv
+    kw["attention_mask"] = None if inputs.mask is None else inputs.mask[layer]
+    kw.update(dict(arch.arch_of(model).block_args))
     out = block(h, **kw)
     return out[0] if isinstance(out, tuple) else out
 
 
 def sequence_inputs(model, h: torch.Tensor) -> BlockInputs:
     """What a block needs to run on whole sequences [rows, S, hidden] from position 0, without padding
-    (causal attention masks itself when no mask is given; a masked LM's rows have no padding)."""
-    a = arch.arch_of(model)
-    if not a.rotary:
-        return BlockInputs()
-    pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
-    return BlockInputs(rope=arch.get(model, a.rotary)(h, pos))
+    (a causal LM's rows get causal masks: eager attention does not mask itself; a masked LM's rows
+    have no padding, and masks only where a sliding window hides some positions)."""
+    pos = torch.arange(h.shape[1], device=h.device)
+    return BlockInputs(
+        rope=arch.rope(model, h, pos[None].expand(h.shape[0], -1)), mask=attention_masks(model, pos, h.shape[1], h.dtype)
+    )
 
 
 @contextlib.contextmanager

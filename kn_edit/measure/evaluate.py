@@ -82,7 +82,7 @@ def scaled_p(model, prompt: Prompt, neurons, factor: float, target: int) -> floa
 
     with contextlib.ExitStack() as stack:
         for layer, idx in _by_layer(neurons).items():
-            stack.enter_context(attribution.patched(model, layer, fn(idx)))
+            stack.enter_context(attribution.patched(model, layer, fn(idx), len(prompt.ids)))
         return float(prediction.predict(model, prompt)[target])
 
 

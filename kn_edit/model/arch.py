@@ -25,16 +25,27 @@ class Arch:
     causal: bool
     blocks: str
     value: str
+    output: str
     conv1d: bool = False
     gated: bool = False
+    ffn_norm: str | None = None
     post_norm: str | None = None
     head: tuple[str, ...] = ()
+    softcap: str | None = None
     rotary: str | None = None
+    rotary_by_layer_type: bool = False
     attention: str | None = None
+    flat: bool = False
+    block_args: tuple[tuple[str, object], ...] = ()
+    requires: tuple[tuple[str, object], ...] = ()
+    unsupported: str | None = None
 
 
 class UnsupportedModel(ModelError):
     pass
+
+
+REQUIRED = ("model_types", "causal", "blocks", "value", "output")
 
 
 @cache
@@ -43,7 +54,13 @@ def table() -> dict[str, Arch]:
     raw = yaml.safe_load((resources.files(__package__) / "architectures.yaml").read_text())
     out = {}
     for name, entry in raw.items():
-        a = Arch(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+        lacking = [k for k in REQUIRED if k not in entry and "unsupported" not in entry]
+        if lacking:
+            raise ValueError(f"architectures.yaml: entry {name!r} lacks {', '.join(lacking)}")
+        entry = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+        for key in ("requires", "block_args"):
+            entry[key] = tuple(entry.get(key, {}).items())
+        a = Arch(name=name, **{"causal": False, "blocks": "", "value": "", "output": "", **entry})
         out.update({t: a for t in a.model_types})
     return out
 
@@ -51,17 +68,66 @@ def table() -> dict[str, Arch]:
 def for_type(model_type: str) -> Arch:
     archs = table()
     if model_type not in archs:
-        raise UnsupportedModel(f"model type {model_type!r} is not supported; supported: {', '.join(sorted(archs))}")
-    return archs[model_type]
+        supported = ", ".join(sorted(t for t, a in archs.items() if not a.unsupported))
+        raise UnsupportedModel(
+            f"model type {model_type!r} is not supported: kn_edit/model/architectures.yaml has no entry for it "
+            f"(an entry names its blocks, the FFN's output projection, the output embedding and the head); "
+            f"supported: {supported}"
+        )
+    a = archs[model_type]
+    if a.unsupported:
+        raise UnsupportedModel(f"model type {model_type!r} is not supported: {a.unsupported}")
+    return a
 
 
 def arch_of(model) -> Arch:
     return for_type(model.config.model_type)
 
 
+def check(model) -> Arch:
+    """The model's Arch, after checking that its config is one the entry covers and that every
+    path of the entry leads to a module of this model; else UnsupportedModel naming what is missing."""
+    a, cfg = arch_of(model), model.config
+    t = cfg.model_type
+    for key, want in a.requires:
+        got = getattr(cfg, key, None)
+        if got != want:
+            raise UnsupportedModel(f"{t!r} models with {key}={got!r} are not supported (only {key}={want!r})")
+    on_model = {"blocks": [a.blocks], "output": [a.output], "rotary": [a.rotary], "head": list(a.head)}
+    on_block = {"value": a.value, "ffn_norm": a.ffn_norm, "post_norm": a.post_norm, "attention": a.attention}
+    missing = [
+        (k, p, "the model") for k, ps in on_model.items() for p in ps if p and p not in _activations() and not _has(model, p)
+    ]
+    if not missing:
+        block = get(model, a.blocks)[0]
+        missing = [(k, p, "a block") for k, p in on_block.items() if p and not _has(block, p)]
+    if missing:
+        key, path, where = missing[0]
+        raise UnsupportedModel(
+            f"{t!r}: {key} {path!r} of the architectures.yaml entry {a.name!r} is not in {where} ({type(model).__name__})"
+        )
+    if a.softcap and not hasattr(model.config, a.softcap):
+        raise UnsupportedModel(f"{t!r}: the config has no {a.softcap!r} (softcap of entry {a.name!r})")
+    return a
+
+
+def _activations():
+    from transformers.activations import ACT2FN
+
+    return ACT2FN
+
+
+def _has(obj, path: str) -> bool:
+    try:
+        get(obj, path)
+    except AttributeError:
+        return False
+    return True
+
+
 def get(obj, path: str):
     for part in path.split("."):
-        obj = getattr(obj, part)
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     return obj
 
 
@@ -85,20 +151,55 @@ def value_param_name(model, layer: int) -> str:
     return f"{a.blocks}.{layer}.{a.value}.weight"
 
 
+def by_position(model, x: torch.Tensor, seq: int) -> torch.Tensor:
+    """An FFN tensor as [batch, seq, features] (flat families' FFNs see [batch * seq, features])."""
+    return x.view(-1, seq, x.shape[-1]) if arch_of(model).flat else x
+
+
 def shape(model) -> tuple[int, int]:
     """(layers, neurons per layer)."""
     return len(blocks(model)), value_slots(model, 0).shape[0]
 
 
+def output_module(model) -> torch.nn.Module:
+    """The output embedding: a Linear from the head's output to the vocabulary (tied or not)."""
+    return get(model, arch_of(model).output)
+
+
 def output_embedding(model) -> torch.Tensor:
     """[vocab, hidden]: the word embeddings the output layer scores against."""
-    return model.get_output_embeddings().weight
+    return output_module(model).weight
+
+
+def softcap(model) -> float | None:
+    """c when the logits are soft-capped as c * tanh(z / c), else None."""
+    a = arch_of(model)
+    return getattr(model.config, a.softcap, None) if a.softcap else None
 
 
 def head_input(model, h: torch.Tensor) -> torch.Tensor:
     """The last block's output as the output projection reads it (final norm / MLM transform)."""
-    from transformers.activations import ACT2FN
-
+    ACT2FN = _activations()
     for step in arch_of(model).head:
         h = ACT2FN[step](h) if step in ACT2FN else get(model, step)(h)
     return h
+
+
+def logits(model, h: torch.Tensor) -> torch.Tensor:
+    """The model's logits for the last block's output h (head, output embedding, soft cap)."""
+    z = output_module(model)(head_input(model, h))
+    c = softcap(model)
+    return z if c is None else c * torch.tanh(z / c)
+
+
+def rope(model, h: torch.Tensor, pos: torch.Tensor) -> list | None:
+    """Per layer, the rotary (cos, sin) of positions pos [rows, S]; None without rotary embeddings."""
+    a = arch_of(model)
+    if not a.rotary:
+        return None
+    emb, L = get(model, a.rotary), len(blocks(model))
+    if not a.rotary_by_layer_type:
+        return [emb(h, pos)] * L
+    types = model.config.layer_types
+    by_type = {t: emb(h, pos, t) for t in set(types)}
+    return [by_type[t] for t in types[:L]]

