@@ -46,13 +46,16 @@ from kn_edit.spec import Spec
 # least 3 measure "other relations"
 RELATIONS = ["P36", "P103", "P1412", "P176", "P178", "P279", "P1376", "P159", "P27", "P17", "P131", "P30", "P101",
              "P106", "P463", "P361", "P19", "P20", "P413", "P449", "P47", "P527", "P530", "P108", "P136", "P39", "P264"]  # fmt: skip
-N_EDITED, N_OTHER = 8, 2
+N_EDITED, N_OTHER = 8, 6
 PER_REL = {"edits": 20, "keep": 3, "neighbours": 6}
 RULES = {
     "solve": {},
     "specific": {"solve": {"select": "specific"}},
     "subject": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.6}},
     "subject30": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.6, "neurons": 30}},
+    "subject5": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.6, "neurons": 5}},
+    "subject-early": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.35}},
+    "subject-mid": {"solve": {"select": "subject", "min_layer": 0.3, "max_layer": 0.6}},
     # variants of the solve, for choosing its defaults
     "margin1": {"solve": {"margin": 1.0}},
     "neurons30": {"solve": {"neurons": 30}},
@@ -213,19 +216,18 @@ def main():
         loc = [F.prompts(r, s, held=False) for r, (s, _, _) in chosen]
         held = [F.prompts(r, s, held=True) for r, (s, _, _) in chosen]
         new_ids = [target_id(tok, ps[0], new, True) for ps, (_, (_, _, new)) in zip(loc, chosen, strict=True)]
-        solved_neurons = None
         for rule in rules_run:
-            method = Spec.model_validate(
-                {"model": args.model, "edits": edits[:1], "method": RULES.get(rule if rule != "control" else "solve")}
-            ).method
+            control = rule.startswith("control")  # control-RULE: RULE's solve on random neurons (control: the default's)
+            real = rule.partition("-")[2] or "solve" if control else rule
+            method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
             t = time.time()
             others = (
                 [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits]
-                if RULES.get(rule, {}).get("solve", {}).get("select")
+                if method.solve.select != "score"
                 else None
             )
             choose(model, batch.edits, method, others)
-            if rule == "control":  # the solve on as many random neurons of the same layers
+            if control:  # the solve on as many random neurons of the same layers
                 r_ = random.Random(args.seed)
                 width = arch.shape(model)[1]
                 neurons = [draw(e.neurons, width, r_, e.neurons) for e in batch.edits]
@@ -233,8 +235,6 @@ def main():
                 neurons = None
             undo = apply(model, batch, method, neurons=neurons, seed=args.seed)
             t_edit = time.time() - t
-            if rule == "solve":
-                solved_neurons = sum(len(e.neurons) for e in batch.edits)
             hits = [[int(x) == i for x in top1(ps)] for ps, i in zip(loc, new_ids, strict=True)]
             ghits = [int(x) == i for ps, i in zip(held, new_ids, strict=True) for x in top1(ps)]
             row = {
@@ -258,7 +258,6 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
             _write(args.out, meta, rows)
-        del solved_neurons
 
 
 def erase(args, F, model, tok, loaded, relations, meta, cache):

@@ -122,8 +122,10 @@ class Solve(_Strict):
     """The batch solve (update / erase rule `solve`, kn_edit/apply/solve.py)."""
 
     neurons: int = Field(10, ge=1, le=1000, description="per fact: its highest-scoring located (coarse) neurons")
-    min_layer: float = Field(0.5, ge=0, lt=1, description="only neurons in layers >= min_layer x the number of layers")
-    max_layer: float = Field(1.0, gt=0, le=1, description="... and < max_layer x the number of layers")
+    min_layer: float | None = Field(
+        None, ge=0, lt=1, description="only neurons in layers >= min_layer x the number of layers (default: by select)"
+    )
+    max_layer: float | None = Field(None, gt=0, le=1, description="... and < max_layer x the number of layers")
     select: Literal["score", "specific", "subject"] = Field(
         "score",
         description="score: by attribution score; specific: score x how much more the neuron fires for the fact "

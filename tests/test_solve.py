@@ -152,3 +152,44 @@ def test_erase_by_solve_keeps_other_relations(kind, request, world, write_spec, 
     e = report["edits"][0]
     assert e["accuracy_before"] >= 0.9 and e["accuracy_after"] <= 0.1 and not e["failed"]
     assert e["metrics"]["other_accuracy_change"] >= -0.1, e["metrics"]
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_prompts_know_where_their_subject_ends(kind, request, world):
+    tok = pipeline.load(str(request.getfixturevalue(f"{kind}_dir")), device="cpu").tok
+    causal = kind == "llama"
+    s, _ = world.facts["capital"][3]
+    for t in world.templates("capital"):
+        p = encode(tok, t.replace("[X]", s), causal, s)
+        assert p.subject is not None and p.subject != p.pos
+        assert tok.decode(p.ids[: p.subject + 1]).strip().endswith(s) and not tok.decode(p.ids[: p.subject]).strip().endswith(s)
+    assert encode(tok, world.templates("capital")[0].replace("[X]", s), causal, "nowhere").subject is None
+
+
+def test_subject_specificity_equals_a_plain_computation(llama_dir, world):
+    """a_f^2 / (a_f^2 + mean a_o^2) at the subject's last token, against activations read off the
+    whole sequence with a plain hook on W2's input."""
+    from kn_edit.apply.choose import specificity
+
+    m, tok = (lambda x: (x.model, x.tok))(pipeline.load(str(llama_dir), device="cpu"))
+
+    def prompts(k):
+        s, _ = world.facts["capital"][k]
+        return [encode(tok, t.replace("[X]", s), True, s) for t in world.templates("capital")]
+
+    def acts(p):
+        seen = []
+        hooks = [arch.value_module(m, l).register_forward_pre_hook(lambda mod, a: seen.append(a[0][0, p.subject])) for l in range(len(arch.blocks(m)))]  # fmt: skip
+        with torch.no_grad():
+            m(torch.tensor([p.ids]))
+        for h in hooks:
+            h.remove()
+        return torch.stack(seen)
+
+    mine, others = prompts(0), [p for k in (1, 2, 3) for p in prompts(k)]
+    a_f = torch.stack([acts(p) for p in mine]).mean(0)
+    a_o = torch.stack([acts(p) for p in others]).pow(2).mean(0)
+    spec, size = specificity(m, mine, others, at_subject=True)
+    torch.testing.assert_close(spec, a_f**2 / (a_f**2 + a_o + 1e-12))
+    torch.testing.assert_close(size, a_f.abs())
+    assert 0 <= float(spec.min()) < 0.1 < 0.5 < float(spec.max()) <= 1  # some neurons fire for this subject more than others

@@ -95,12 +95,24 @@ def specificity(model, fact_prompts, other_prompts, at_subject: bool = False) ->
     return a_f.pow(2) / (a_f.pow(2) + a_o.pow(2).mean(0) + 1e-12), a_f.abs()
 
 
+LAYERS = {"subject": (0.1, 0.6), "score": (0.5, 1.0), "specific": (0.5, 1.0)}  # the auto layer ranges
+
+
+def layer_range(model, solve, select: str) -> range:
+    """The layers the solve may write, from `solve.min_layer`/`max_layer` (fractions of the depth;
+    None: LAYERS[select])."""
+    L = arch.shape(model)[0]
+    lo, hi = (
+        (LAYERS[select][0] if solve.min_layer is None else solve.min_layer),
+        (LAYERS[select][1] if solve.max_layer is None else solve.max_layer),
+    )
+    return range(int(lo * L), max(int(lo * L) + 1, round(hi * L)))
+
+
 def choose(model, edits, method, others=None) -> list[str]:
     """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method.
     others: per edit, prompts of its relation about other subjects (solve.select: specific).
     Returns warnings for the report."""
-    L = arch.shape(model)[0]
-    layers = range(int(method.solve.min_layer * L), max(int(method.solve.min_layer * L) + 1, round(method.solve.max_layer * L)))
     warnings = []
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
         for k, e in enumerate(edits):
@@ -114,6 +126,11 @@ def choose(model, edits, method, others=None) -> list[str]:
                 facts = e.located[:1] if e.kind == "update" else e.located
                 n = method.solve.neurons * (1 if e.kind == "update" else 4)
                 select = method.solve.select if e.kind == "update" and others is not None else "score"
+                if select == "subject" and not any(p.subject is not None for p in e.located_prompts):
+                    warnings.append(f"edit {k + 1} ({e.fact.subject}): the subject is not in its prompts; its neurons "
+                                    "are chosen by attribution score at the answer instead")  # fmt: skip
+                    select = "score"
+                layers = layer_range(model, method.solve, select)
                 if select == "subject":
                     spec, size = specificity(model, e.located_prompts, others[k], at_subject=True)
                     e.neurons = top_of(spec * size, n, layers)
@@ -124,9 +141,9 @@ def choose(model, edits, method, others=None) -> list[str]:
             elif e.kind == "erase":
                 e.neurons = shared_by(e.located, method.erase.min_facts)
             else:
-                fact, others = e.located[0], e.located[1:]
-                limit = method.update.relation_filter * len(others)
-                e.dropped_shared = sorted(n for n in fact.neurons if others and sum(n in o.neurons for o in others) > limit)
+                fact, rest = e.located[0], e.located[1:]
+                limit = method.update.relation_filter * len(rest)
+                e.dropped_shared = sorted(n for n in fact.neurons if rest and sum(n in o.neurons for o in rest) > limit)
                 e.neurons = [n for n in fact.neurons if n not in e.dropped_shared]
                 if located_on < FEW_PROMPTS:  # bounded by its scores: the refine step had nothing to refine against
                     most = method.refine.target_neurons[1]

@@ -1,8 +1,9 @@
 """What the batch update keeps, with no extra work from the user (kn_edit/data, written for kn-edit, MIT):
 
 - the same-relation facts the spec gives an update (`relation_facts`);
-- each edit's own templates filled with common subjects (data/subjects.txt), so that the relation
-  keeps answering for other subjects what it answered before;
+- each update's own templates filled with common subjects (data/subjects.txt), so that the relation
+  keeps answering for other subjects what it answered before (not an erased relation's: it is to be
+  forgotten for every subject);
 - everyday factual prompts (data/prompts_preserve.txt);
 - plain English text (data/text_preserve.txt), every position (masked LMs: every 7th token masked).
 
@@ -59,12 +60,27 @@ def same_relation(batch, e, n: int = 8, seed: int = 0) -> list:
     return out
 
 
+def erased_elsewhere(model, batch, e, n: int = 16, seed: int = 0) -> list[tuple]:
+    """(prompt, answer id) of erase e's templates filled with common subjects where the base model
+    answers with one of the erased facts' targets: the relation's answers for subjects the spec does
+    not name, to be forgotten too."""
+    from ..measure.predict import predict_many
+
+    subjects = _subjects(_avoid(batch))
+    picked = random.Random(f"kn-edit-erase:{seed}").sample(subjects, min(n, len(subjects)))
+    prompts = _filled(batch, _templates(e), picked)
+    answers = {f.target_id for f in e.facts}
+    top = [int(x.argmax()) for x in predict_many(model, prompts)] if prompts else []
+    return [(p, t) for p, t in zip(prompts, top, strict=True) if t in answers]
+
+
 def keep_prompts(batch, seed: int = 0) -> list:
     avoid = _avoid(batch)
     rng = random.Random(f"kn-edit-preserve:{seed}")
     out = [p for e in batch.edits if e.kind == "update" for f in e.facts[1:] for p in f.prompts]
     subjects = _subjects(avoid)
-    for t in dict.fromkeys(t for e in batch.edits for t in _templates(e)):
+    erased = {t for e in batch.edits if e.kind == "erase" for t in _templates(e)}  # to forget, for every subject
+    for t in dict.fromkeys(t for e in batch.edits if e.kind == "update" for t in _templates(e) if t not in erased):
         out += _filled(batch, [t], rng.sample(subjects, min(PER_TEMPLATE, len(subjects))))
     out += shipped_prompts("prompts_preserve.txt", batch.tok, batch.causal, avoid)
     out = [p for p in {p.ids: p for p in out}.values() if not any(a in p.text.lower() for a in avoid)]

@@ -32,11 +32,13 @@ def write(model, e, neurons, erase_method, unk: int | None, activation: dict | N
         rules.erase(model, neurons, erase_method.value, unk)
 
 
-def goals(e) -> list[Goal]:
-    """What the solve asks of edit e: its located prompts answer t' (update), or not t (erase)."""
+def goals(model, batch, e, seed: int = 0) -> list[Goal]:
+    """What the solve asks of edit e: its located prompts answer t' (update), or not t (erase: on the
+    facts given, and on its templates about other subjects where the model gives one of their answers)."""
     if e.kind == "update":
         return [Goal(e.located_prompts, new_id=e.new_id)]
-    return [Goal(f.prompts, old_id=f.target_id) for f in e.facts]
+    elsewhere = [Goal([p], old_id=t) for p, t in preserve.erased_elsewhere(model, batch, e, seed=seed)]
+    return [Goal(f.prompts, old_id=f.target_id) for f in e.facts] + elsewhere
 
 
 def settings(method, seed: int) -> Settings:
@@ -56,7 +58,7 @@ def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> r
     if solved:
         columns = sorted({n for k in solved for n in neurons[k]})
         max_pos = getattr(model.config, "max_position_embeddings", 1 << 16)
-        deltas, stats = solve(model, columns, [g for k in solved for g in goals(edits[k])], preserve.keep_prompts(batch, seed),
+        deltas, stats = solve(model, columns, [g for k in solved for g in goals(model, batch, edits[k], seed)], preserve.keep_prompts(batch, seed),
                               preserve.text_windows(batch, max_pos), settings(method, seed), batch.causal)  # fmt: skip
         progress.log.info("batch solve: %d steps, every edit prompt done: %s", stats.steps, stats.reached)
         rules.write(model, deltas)
