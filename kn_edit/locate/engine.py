@@ -67,21 +67,27 @@ class BlockInputs:
 
     kv: PrefixKV | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    allowed: torch.Tensor | None = None  # [k, P + k] which keys each of k > 1 query rows sees (else causal by itself)
 
 
-def block_inputs(model, ids: torch.Tensor, out) -> BlockInputs:
+def block_inputs(model, ids: torch.Tensor, out, k: int = 1) -> BlockInputs:
     """From a full forward pass (use_cache=True) over `ids` [1, S], what is needed to run the
-    blocks again on the last position alone (causal) or on the whole sequence (masked)."""
+    blocks again on the last k positions alone (causal) or on the whole sequence (masked)."""
     a = arch.arch_of(model)
     if not a.causal:
         return BlockInputs()
     layers = out.past_key_values.layers
-    kv = PrefixKV([x.keys[:, :, :-1].detach() for x in layers], [x.values[:, :, :-1].detach() for x in layers])
+    kv = PrefixKV([x.keys[:, :, :-k].detach() for x in layers], [x.values[:, :, :-k].detach() for x in layers])
     rope = None
     if a.rotary:
-        pos = torch.tensor([[ids.shape[1] - 1]], device=ids.device)
-        rope = arch.get(model, a.rotary)(out.hidden_states[0][:, -1:], pos)
-    return BlockInputs(kv, rope)
+        pos = torch.arange(ids.shape[1] - k, ids.shape[1], device=ids.device)[None]
+        rope = arch.get(model, a.rotary)(out.hidden_states[0][:, -k:], pos)
+    allowed = None
+    if k > 1:
+        # query j sees the prefix and the rows' own positions up to j (the attention would align
+        # an implicit causal mask to the top left, ignoring the prefix)
+        allowed = torch.ones(k, ids.shape[1], dtype=torch.bool, device=ids.device).tril(ids.shape[1] - k)
+    return BlockInputs(kv, rope, allowed)
 
 
 class WholeKV:
@@ -94,17 +100,17 @@ class WholeKV:
         return self.keys, self.values
 
 
-def run_block_at(model, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
-    """A masked LM's block output at position pos only, [rows, 1, hidden]: keys and values come
-    from every position, the query, attention output and FFN from pos alone (the top block
-    needs nothing else)."""
+def run_block_at(model, layer: int, h: torch.Tensor, pos: int, k: int = 1) -> torch.Tensor:
+    """A masked LM's block output at positions pos .. pos + k - 1 only, [rows, k, hidden]: keys and
+    values come from every position, the queries, attention output and FFN from those alone
+    (the top block needs nothing else)."""
     block = arch.blocks(model)[layer]
     sa = arch.get(block, arch.arch_of(model).attention)
     shape = (*h.shape[:-1], -1, sa.attention_head_size)
-    k = sa.key(h).view(shape).transpose(1, 2)
-    v = sa.value(h).view(shape).transpose(1, 2)
+    keys = sa.key(h).view(shape).transpose(1, 2)
+    values = sa.value(h).view(shape).transpose(1, 2)
     # contiguous: a strided 3-d input sends nn.Linear to a batched matmul over copies of the weight
-    out = block(h[:, pos : pos + 1].contiguous(), past_key_values=WholeKV(k, v))
+    out = block(h[:, pos : pos + k].contiguous(), past_key_values=WholeKV(keys, values))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -115,6 +121,9 @@ def run_block(model, layer: int, h: torch.Tensor, inputs: BlockInputs) -> torch.
         kw["past_key_values"] = inputs.kv
     if inputs.rope is not None:
         kw["position_embeddings"] = inputs.rope
+    if inputs.allowed is not None:
+        blocked = torch.zeros(inputs.allowed.shape, dtype=h.dtype, device=h.device)
+        kw["attention_mask"] = blocked.masked_fill(~inputs.allowed, torch.finfo(h.dtype).min)[None, None]
     out = block(h, **kw)
     return out[0] if isinstance(out, tuple) else out
 
