@@ -54,12 +54,14 @@ RUN = click_options(RunOptions, skip=("device", "dtype", "cache", "no_cache"))
 @SPEC_ARG
 @RUN
 def validate(spec, pararel):
-    """Check SPEC: schema, templates, and that targets are single tokens (loads the tokenizer only)."""
-    from .plan.batch import prepare
+    """Check SPEC: schema, templates, and how targets tokenize (loads the tokenizer only)."""
+    from .plan.batch import prepare, tokenized
 
     batch = prepare(spec, pararel)
     n = sum(len(f.prompts) for e in batch.edits for f in e.facts)
     click.echo(f"{spec}: ok ({len(batch.edits)} edits, {n} prompts, model {batch.spec.model.name})")
+    for line in tokenized(batch):
+        click.echo(f"  {line}")
 
 
 @main.command()

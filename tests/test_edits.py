@@ -18,7 +18,7 @@ def test_authors_rule_matches_formula_and_touches_only_given_slots():
     m = tiny()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     emb = m.get_output_embeddings().weight.detach()
-    edits.update(m, [(1, 5), (0, 3)], old_id=7, new_id=9, rule="authors", lambda1=1.0, lambda2=8.0)
+    edits.update(m, [(1, 5), (0, 3)], old_ids=7, new_ids=9, rule="authors", lambda1=1.0, lambda2=8.0)
     w_name = arch.value_param_name(m, 1)
     v = before[w_name][:, 5]  # a column of the torch Linear weight = the paper's row of W2
     e_t, e_n = emb[7], emb[9]

@@ -27,7 +27,7 @@ def write(model, e, neurons, erase_method, unk: int | None, activation: dict | N
         signs = None
         if w.sign_aware:
             signs = activation if activation is not None else _mean_activation(model, e.fact, neurons)
-        rules.update(model, neurons, e.fact.target_id, e.new_id, w.rule, w.lambda1, w.lambda2, signs, w.scale, w.norm_cap)
+        rules.update(model, neurons, e.fact.target_ids, e.new_ids, w.rule, w.lambda1, w.lambda2, signs, w.scale, w.norm_cap)
     else:
         rules.erase(model, neurons, erase_method.value, unk)
 
@@ -35,8 +35,8 @@ def write(model, e, neurons, erase_method, unk: int | None, activation: dict | N
 def goals(e) -> list[Goal]:
     """What the solve asks of edit e: its located prompts answer t' (update), or not t (erase)."""
     if e.kind == "update":
-        return [Goal(e.located_prompts, new_id=e.new_id)]
-    return [Goal(f.prompts, old_id=f.target_id) for f in e.facts]
+        return [Goal(e.located_prompts, new_ids=e.new_ids)]
+    return [Goal(f.prompts, old_ids=f.target_ids) for f in e.facts]
 
 
 def settings(method, seed: int) -> Settings:

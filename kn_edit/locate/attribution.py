@@ -34,7 +34,7 @@ import weakref
 import torch
 
 from ..model import arch
-from ..plan.prompts import Prompt, answering
+from ..plan.prompts import Prompt, answering, as_ids
 from . import engine
 
 
@@ -85,10 +85,6 @@ def clean_activations(model, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack([store[l][0] for l in range(len(store))]).float(), logits.float().softmax(-1)
 
 
-def targets_of(target) -> tuple[int, ...]:
-    return (target,) if isinstance(target, int) else tuple(target)
-
-
 def answer_prob(logits: torch.Tensor, pos: int, targets: tuple[int, ...]) -> torch.Tensor:
     """[rows] prod_j p(t_j) read at positions pos + j of logits [rows, S, vocab]."""
     p = logits[:, pos].float().softmax(-1)[:, targets[0]]
@@ -100,7 +96,7 @@ def answer_prob(logits: torch.Tensor, pos: int, targets: tuple[int, ...]) -> tor
 def reference(model, prompt: Prompt, target, steps: int = 20) -> torch.Tensor:
     """[L, I] attribution scores, one whole-model pass per layer (batch of m scaled copies).
     target: a token id, or the token ids of a k-token answer."""
-    targets = targets_of(target)
+    targets = as_ids(target)
     prompt = answering(prompt, targets, arch.arch_of(model).causal)
     acts, _ = clean_activations(model, prompt)
     ids = torch.tensor([prompt.ids], device=model.device).expand(steps, -1)
@@ -142,7 +138,7 @@ def _attention(model):
 def _fast(model, prompt, target, steps, dtype, max_rows):
     a = arch.arch_of(model)
     L, _ = arch.shape(model)
-    targets = targets_of(target)
+    targets = as_ids(target)
     prompt = answering(prompt, targets, a.causal)
     ids = torch.tensor([prompt.ids], device=model.device)
     store, taps = {}, {}

@@ -84,6 +84,9 @@ def target_ids(tok, prompt: Prompt, word: str, causal: bool) -> tuple[int, ...]:
         raise PromptError(
             f"{word!r} does not tokenize apart from the prompt {prompt.text!r} (it merges with the text around [Y])"
         )
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        raise PromptError(f"{word!r} has a token unknown to this model's vocabulary (it tokenizes as {pieces(tok, ids)})")
     return ids
 
 
@@ -93,6 +96,11 @@ def target_id(tok, prompt: Prompt, word: str, causal: bool) -> int:
     if len(ids) != 1:
         raise PromptError(f"{word!r} is not a single token of this model's vocabulary (it splits into {pieces(tok, ids)})")
     return ids[0]
+
+
+def as_ids(x) -> tuple[int, ...]:
+    """A target as token ids: one id, or a sequence of them."""
+    return (int(x),) if isinstance(x, int) else tuple(x)
 
 
 def pieces(tok, ids) -> list[str]:
