@@ -1,0 +1,67 @@
+"""Multi-token targets end to end on the small trained models: a 2- and a 3-token new target take
+(the greedy continuation / the k masks give the whole new target), far above random neurons, and the
+report shows the continuation."""
+
+import pytest
+import torch
+from conftest import build, update_edit
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from kn_edit.measure import predict
+from kn_edit.plan.prompts import encode, target_ids
+
+AUTO = {"bert": AutoModelForMaskedLM, "llama": AutoModelForCausalLM}
+NEW = {0: "city3 lang5", 5: "corp2 city6 lang1"}  # fact of "capital" -> a 2- and a 3-token new target
+
+
+@pytest.fixture(scope="module", params=["bert", "llama"])
+def built(request, tmp_path_factory, world):
+    import yaml
+
+    kind = request.param
+    folder = tmp_path_factory.mktemp(f"multi_{kind}")
+    model_dir = request.getfixturevalue(f"{kind}_dir")
+    # the tiny models spread a fact over few neurons: a lower coarse threshold gives the solve enough
+    # of them for a sequence (with the default 0.2 the 3-token edit does not take)
+    method = {"locate": {"threshold": 0.01}, "solve": {"neurons": 40, "steps": 300}}
+    spec = {
+        "model": str(model_dir),
+        "seed": 0,
+        "method": method,
+        "edits": [update_edit(world, "capital", k, new) for k, new in NEW.items()],
+    }
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return kind, folder, build(folder / "spec.yaml", folder / "out")
+
+
+def test_multi_token_updates_take(built):
+    kind, _, report = built
+    for e in report["edits"]:
+        assert e["metrics"]["efficacy"] == 1.0, (e["new_target"], e["prompts"])
+        assert e["metrics"]["change_rate"] >= 0.75 and e["control"]["success_rate"] is not None
+        for row in e["prompts"]:
+            if not row["held_out"]:
+                assert row["after"]["continuation"].startswith(e["new_target"])
+            assert row["before"]["continuation"].startswith(e["target"])
+            assert row["after"]["p_new_target"] > 10 * row["before"]["p_new_target"]
+
+
+def test_reloaded_checkpoint_answers_the_new_targets(built, world):
+    """Read back with transformers alone: greedy decoding (causal) or k masks (masked) gives the new target."""
+    kind, folder, _ = built
+    tok = AutoTokenizer.from_pretrained(folder / "out")
+    model = AUTO[kind].from_pretrained(folder / "out").eval()
+    causal = kind == "llama"
+    for k, new in NEW.items():
+        s, _ = world.facts["capital"][k]
+        for t in world.templates("capital")[:-1]:  # the located prompts (the last one is held out)
+            p = encode(tok, t.replace("[X]", s), causal)
+            want = target_ids(tok, p, new, causal)
+            assert len(want) == len(new.split())
+            if causal:
+                ids = torch.tensor([p.ids])
+                out = model.generate(ids, max_new_tokens=len(want), do_sample=False, attention_mask=torch.ones_like(ids))
+                got = tuple(out[0, len(p.ids) :].tolist())
+            else:
+                got = predict.says(model, p, len(want))
+            assert tok.decode(list(got)).strip() == new
