@@ -41,6 +41,17 @@ def test_plain_and_sign_aware_rules():
     assert torch.allclose(arch.value_slots(m, 0)[6], v1 + 2 * emb[1] - 3 * emb[2], atol=1e-6)
 
 
+def test_multi_token_targets_use_the_mean_embedding():
+    m = tiny()
+    emb = m.get_output_embeddings().weight.detach()
+    v = arch.value_slots(m, 1)[2].detach().clone()
+    edits.update(m, [(1, 2)], (1, 5), (2, 3, 8), "plain", 2.0, 3.0)
+    want = v - 2 * (emb[1] + emb[5]) / 2 + 3 * (emb[2] + emb[3] + emb[8]) / 3
+    assert torch.allclose(arch.value_slots(m, 1)[2], want, atol=1e-6)
+    one = edits.deltas(m, [(0, 1)], 7, 9, "authors", 1.0, 8.0)
+    assert torch.equal(one[(0, 1)], edits.deltas(m, [(0, 1)], (7,), (9,), "authors", 1.0, 8.0)[(0, 1)])
+
+
 def test_erase_sets_unk_embedding_or_zero():
     m = tiny()
     emb = m.get_output_embeddings().weight.detach()

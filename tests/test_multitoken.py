@@ -23,7 +23,7 @@ def built(request, tmp_path_factory, world):
     model_dir = request.getfixturevalue(f"{kind}_dir")
     # the tiny models spread a fact over few neurons: a lower coarse threshold gives the solve enough
     # of them for a sequence (with the default 0.2 the 3-token edit does not take)
-    method = {"locate": {"threshold": 0.01}, "solve": {"neurons": 40, "steps": 300}}
+    method = {"locate": {"threshold": 0.01}, "solve": {"neurons": 40, "steps": 1000}}
     spec = {
         "model": str(model_dir),
         "seed": 0,

@@ -27,6 +27,18 @@ def test_partial_forward_equals_the_model(kind, request):
             torch.testing.assert_close(S._logits(m, rows, layer), want, rtol=1e-5, atol=1e-5)
 
 
+def test_goal_reads_the_whole_new_target_and_the_old_target_first_token():
+    """An update reads t' under teacher forcing (causal) or at k masks (masked); an erase the first token of t."""
+    from kn_edit.plan.prompts import Prompt
+
+    causal, masked = Prompt("a [Y]", (5, 6, 7), 2), Prompt("a [Y] .", (1, 5, 4, 2), 2)
+    up, erase = S.Goal([causal], new_ids=(8, 9, 10)), S.Goal([causal], old_ids=(8, 9))
+    assert up.reads(True) == [(Prompt("a [Y]", (5, 6, 7, 8, 9), 2), (8, 9, 10))]
+    assert erase.reads(True) == [(causal, (8,))]
+    assert S.Goal([masked], new_ids=(8, 9)).reads(False) == [(Prompt("a [Y] .", (1, 5, 4, 4, 2), 2), (8, 9))]
+    assert S.Goal([causal], new_ids=3).reads(True) == [(causal, (3,))]
+
+
 def _prompts(tok, world, relation, k, causal=True):
     s, o = world.facts[relation][k]
     return [encode(tok, t.replace("[X]", s), causal) for t in world.templates(relation)], o
