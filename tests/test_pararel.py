@@ -212,3 +212,12 @@ def test_erase_facts_list_errors_keep_a_clean_path():
     with pytest.raises(SpecError) as e:
         parse(bad)
     assert e.value.problems == [("edits[0].erase.facts[0].target", "required field is missing")]
+
+
+def test_spec_from_pararel_min_tokens_keeps_multi_token_answers_only(llama_dir, pdir):
+    """The tiny world's one multi-token answer (cap99 -> MULTI) is a fact the model never learnt."""
+    args = ["spec-from-pararel", "--relation", "capital", "--model", str(llama_dir), "--pararel", str(pdir)]
+    r = CliRunner().invoke(main, [*args, "--min-tokens", "2"])
+    assert r.exit_code != 0 and "knows none" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "--min-tokens", "1", "--facts", "1"])
+    assert r.exit_code == 0 and "subject: cap0" in r.output, r.output

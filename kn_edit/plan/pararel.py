@@ -201,9 +201,9 @@ def known(model, tok, causal: bool, temps: list[str], subject: str, target: str,
     return hits > need * len(temps)
 
 
-def pick(model, tok, causal: bool, use: Usable, n: int, seed: int = 0, need: float = 0.5) -> list[dict]:
-    """Up to n facts the model knows, in data order, each with a new target drawn (seeded) from
-    the relation's other objects."""
+def pick(model, tok, causal: bool, use: Usable, n: int, seed: int = 0, need: float = 0.5, min_tokens: int = 1) -> list[dict]:
+    """Up to n facts the model knows whose answer has at least min_tokens tokens, in data order, each
+    with a new target drawn (seeded) from the relation's other objects."""
     import random
 
     rng = random.Random(seed)
@@ -213,6 +213,11 @@ def pick(model, tok, causal: bool, use: Usable, n: int, seed: int = 0, need: flo
         if len(out) == n:
             break
         others = [x for x in objects if x != o]
+        if (
+            min_tokens > 1
+            and len(target_ids(tok, encode(tok, use.templates[0].replace("[X]", s), causal), o, causal)) < min_tokens
+        ):
+            continue
         if others and known(model, tok, causal, use.templates, s, o, need):
             out.append({"subject": s, "target": o, "new_target": rng.choice(others)})
     return out
