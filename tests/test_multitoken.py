@@ -42,7 +42,8 @@ def test_multi_token_updates_take(built):
         for row in e["prompts"]:
             if not row["held_out"]:
                 assert row["after"]["continuation"].startswith(e["new_target"])
-            assert row["before"]["continuation"].startswith(e["target"])
+            if kind == "llama":  # a masked LM's k-mask answer need not start with its 1-mask one
+                assert row["before"]["continuation"].startswith(e["target"])
             assert row["after"]["p_new_target"] > 10 * row["before"]["p_new_target"]
 
 
