@@ -34,8 +34,10 @@ def test_goal_reads_the_whole_new_target_and_the_old_target_first_token():
     causal, masked = Prompt("a [Y]", (5, 6, 7), 2), Prompt("a [Y] .", (1, 5, 4, 2), 2)
     up, erase = S.Goal([causal], new_ids=(8, 9, 10)), S.Goal([causal], old_ids=(8, 9))
     assert up.reads(True) == [(Prompt("a [Y]", (5, 6, 7, 8, 9), 2), (8, 9, 10))]
-    assert erase.reads(True) == [(causal, (8,))]
-    assert S.Goal([masked], new_ids=(8, 9)).reads(False) == [(Prompt("a [Y] .", (1, 5, 4, 4, 2), 2), (8, 9))]
+    assert erase.reads(True) == [(Prompt("a [Y]", (5, 6, 7, 8), 2), (8,))]
+    two_masks = Prompt("a [Y] .", (1, 5, 4, 4, 2), 2)
+    assert S.Goal([masked], new_ids=(8, 9)).reads(False) == [(two_masks, (8, 9))]
+    assert S.Goal([masked], old_ids=(8, 9)).reads(False) == [(two_masks, (8,))]
     assert S.Goal([causal], new_ids=3).reads(True) == [(causal, (3,))]
 
 

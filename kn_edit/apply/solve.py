@@ -16,8 +16,9 @@ An edit prompt stops pulling once t' leads every other token by `margin` (log-pr
 solve stops when all do. A target of k tokens is read under teacher forcing (plan.prompts.answering):
 -log p(t') is the sum over its tokens, each position stopping once its token leads by the margin
 (then the greedy continuation is t'). An erase pushes down the first token of t alone: once it
-trails, no continuation starts with t. Nothing below the lowest edited layer changes, so the hidden states
-entering that layer are computed once and each step runs only the blocks above it.
+trails, no continuation starts with t (a masked LM: at as many masks as t has). Nothing below the
+lowest edited layer changes, so the hidden states entering that layer are computed once and each
+step runs only the blocks above it.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ class Goal:
         self.old_ids = None if self.old_ids is None else as_ids(self.old_ids)
 
     def reads(self, causal: bool) -> list[tuple]:
-        """(prompt as the model reads it, token ids to score at its positions pos, pos + 1, ...)."""
-        ids = self.new_ids if self.new_ids is not None else self.old_ids[:1]
-        return [(answering(p, ids, causal), ids) for p in self.prompts]
+        """(prompt as the model reads it, token ids to score at its positions pos, pos + 1, ...): an
+        update's whole t', an erase's first token of t (a masked LM's read at as many masks as t has)."""
+        if self.new_ids is not None:
+            return [(answering(p, self.new_ids, causal), self.new_ids) for p in self.prompts]
+        return [(answering(p, self.old_ids, causal), self.old_ids[:1]) for p in self.prompts]
 
 
 @dataclass

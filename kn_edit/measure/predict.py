@@ -57,8 +57,9 @@ def says(model, prompt: Prompt, k: int, first: int | None = None) -> tuple[int, 
 
 
 def answers(model, prompt: Prompt, lengths, top: int) -> dict[int, tuple[int, ...]]:
-    """{k: the model's k-token answer} for each k of lengths; top: the top token at the answer
-    position. A causal model's are the prefixes of one greedy continuation."""
+    """{k: the model's k-token answer} for k = 1 and each k of lengths; top: the top token at the
+    answer position. A causal model's are the prefixes of one greedy continuation."""
+    lengths = {1, *lengths}
     n = max(lengths)
     if n == 1:
         return {1: (top,)}
