@@ -66,3 +66,30 @@ def test_reloaded_checkpoint_answers_the_new_targets(built, world):
             else:
                 got = predict.says(model, p, len(want))
             assert tok.decode(list(got)).strip() == new
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_answers_of_each_length(kind):
+    """{k: k-token answer} with the first token always there: a causal model's are the prefixes of its
+    greedy decoding, a masked LM's the top tokens at k masks; sequence probabilities multiply."""
+    from test_attribution import prompt, tiny
+
+    from kn_edit.plan.prompts import answering
+
+    model, p = tiny(kind), prompt(kind)
+    top = int(predict.predict(model, p).argmax())
+    got = predict.answers(model, p, {2, 3}, top)
+    assert set(got) == {1, 2, 3} and got[1] == (top,)
+    if kind == "llama":
+        ids = list(p.ids)
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert got[3] == tuple(ids[-3:]) and got[2] == got[3][:2]
+    else:
+        q = answering(p, (0, 0), False)
+        assert got[2] == tuple(model(torch.tensor([q.ids])).logits[0, q.pos : q.pos + 2].argmax(-1).tolist())
+    t = (got[1][0], 5)
+    q = answering(p, t, kind == "llama")
+    probs = model(torch.tensor([q.ids])).logits[0].softmax(-1)
+    want = float(probs[q.pos, t[0]] * probs[q.pos + 1, t[1]])
+    assert predict.answer_prob(model, p, t) == pytest.approx(want, rel=1e-5)
