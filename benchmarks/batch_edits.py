@@ -93,6 +93,8 @@ class Facts:
 
     def _search(self, r) -> dict:
         tok, model = self.tok, self.model
+        if not (Path(self.d) / "patterns" / f"{r}.jsonl").is_file():
+            return {"loc": [], "held": [], "objects": [], "known": []}
         temps = pararel.usable_templates(pararel.templates(self.d, r), True)
         if len(temps) < 2:
             return {"loc": [], "held": [], "objects": [], "known": []}

@@ -54,12 +54,14 @@ RUN = click_options(RunOptions, skip=("device", "dtype", "cache", "no_cache"))
 @SPEC_ARG
 @RUN
 def validate(spec, pararel):
-    """Check SPEC: schema, templates, and that targets are single tokens (loads the tokenizer only)."""
-    from .plan.batch import prepare
+    """Check SPEC: schema, templates, and how targets tokenize (loads the tokenizer only)."""
+    from .plan.batch import prepare, tokenized
 
     batch = prepare(spec, pararel)
     n = sum(len(f.prompts) for e in batch.edits for f in e.facts)
     click.echo(f"{spec}: ok ({len(batch.edits)} edits, {n} prompts, model {batch.spec.model.name})")
+    for line in tokenized(batch):
+        click.echo(f"  {line}")
 
 
 @main.command()
@@ -253,9 +255,16 @@ def schema(what):
     help="a fact counts as known when the top-1 answer is right on more than this share of its prompts",
 )
 @click.option(
+    "--min-tokens",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="only facts whose answer has at least this many tokens (2: multi-token answers)",
+)
+@click.option(
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write here (default: stdout)"
 )
-def spec_from_pararel(relation, n, model, pararel_dir, seed, known, output):
+def spec_from_pararel(relation, n, model, pararel_dir, seed, known, min_tokens, output):
     """Write an update spec for facts of RELATION the model knows, with new targets from the same relation."""
     import yaml
 
@@ -268,7 +277,7 @@ def spec_from_pararel(relation, n, model, pararel_dir, seed, known, output):
     tok, causal = loading.load_tokenizer(src), loading.is_causal(src)
     use = pararel.usable(tok, causal, pararel.templates(d, relation, "--relation"), pararel.facts(d, relation, "--relation"))
     m, _ = loading.load_model(src)
-    chosen = pararel.pick(m, tok, causal, use, n, seed, known)
+    chosen = pararel.pick(m, tok, causal, use, n, seed, known, min_tokens)
     if not chosen:
         raise KnEditError(f"the model knows none of the {len(use.facts)} usable facts of {relation}")
     spec = {

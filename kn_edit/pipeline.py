@@ -142,7 +142,8 @@ def unpredicted(batch: Batch, before) -> list[str]:
     out = []
     for e in batch.edits:
         if e.kind == "update":
-            hits = sum(before[p.ids][0] == e.fact.target_id for p in e.located_prompts)
+            k = len(e.fact.target_ids)
+            hits = sum(before[p.ids][0][k] == e.fact.target_ids for p in e.located_prompts)
             if hits * 2 < len(e.located_prompts):
                 out.append(
                     f"{e.where}.target: the base model answers {e.fact.target!r} on only {hits} of "

@@ -223,9 +223,11 @@ class Update(_Strict):
     subject: str | None = Field(None, description="fills [X] in the templates")
     relation: str = Field("", description="relation label, e.g. P36 (informative)")
     target: str | None = Field(
-        None, min_length=1, description="the answer the model gives now (t); with source: pararel, taken from the data"
+        None,
+        min_length=1,
+        description="the answer the model gives now (t), one or more tokens; with source: pararel, taken from the data",
     )
-    new_target: str = Field(min_length=1, description="the answer it should give (t')")
+    new_target: str = Field(min_length=1, description="the answer it should give (t'), one or more tokens")
     templates: list[str] | None = Field(None, min_length=1, description="prompts with [X] and [Y]")
     prompts: list[str] | None = Field(None, min_length=1, description="prompts with the subject filled in and [Y]")
     relation_facts: list[FactRef] = Field(

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 from kn_edit.locate import attribution
 from kn_edit.locate.neurons import coarse
 from kn_edit.model import arch
-from kn_edit.plan.prompts import Prompt
+from kn_edit.plan.prompts import Prompt, answering
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3, vocab_size=50)
 CONFIGS = {
@@ -39,7 +39,11 @@ def prompt(kind, seed=1):
 
 
 def plain(model, p, target, steps):
-    """The formula with nothing shared: one forward and backward per (layer, step)."""
+    """The formula with nothing shared: one forward and backward per (layer, step). target: a token,
+    or a k-token answer: the product of its tokens' probabilities at positions pos .. pos + k - 1 of
+    the prompt with the answer appended (causal) or k masks (masked), scaling at pos alone."""
+    targets = (target,) if isinstance(target, int) else target
+    p = answering(p, targets, arch.arch_of(model).causal)
     acts, _ = attribution.clean_activations(model, p)
     ids = torch.tensor([p.ids])
     out = torch.zeros_like(acts)
@@ -54,7 +58,10 @@ def plain(model, p, target, steps):
 
             h = arch.value_module(model, l).register_forward_pre_hook(put)
             try:
-                prob = model(ids).logits[0, p.pos].softmax(-1)[target]
+                logits = model(ids).logits[0]
+                prob = 1.0
+                for j, t in enumerate(targets):
+                    prob = prob * logits[p.pos + j].softmax(-1)[t]
             finally:
                 h.remove()
             (g,) = torch.autograd.grad(prob, x)
@@ -102,6 +109,31 @@ def test_fast_equals_plain_loop(kind):
     model = tiny(kind)
     p = prompt(kind)
     same(attribution.fast(model, p, 9, steps=4), plain(model, p, 9, steps=4))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_multi_token_fast_equals_reference_equals_plain(kind, attn):
+    """A 2- and a 3-token answer: the fast engine (k rows against the prefix, or k masks) against the
+    reference, and the reference against the plain loop."""
+    model = tiny(kind, attn)
+    for seed, targets in ((1, (9, 4)), (2, (11, 30, 7))):
+        p = prompt(kind, seed)
+        ref = attribution.reference(model, p, targets, steps=4)
+        assert ref.abs().max() > 0
+        same(attribution.fast(model, p, targets, steps=4), ref)
+        same(attribution.fast(model, p, targets, steps=4, max_rows=4), ref)  # one layer per group
+        if attn == "eager":
+            same(ref, plain(model, p, targets, steps=4))
+        # the answer's later tokens count: not the first token's attribution
+        assert not torch.allclose(ref, attribution.reference(model, p, targets[0], steps=4))
+
+
+def test_one_token_answer_is_the_token():
+    model = tiny("llama")
+    p = prompt("llama")
+    assert torch.equal(attribution.fast(model, p, (9,), steps=4), attribution.fast(model, p, 9, steps=4))
+    assert torch.equal(attribution.reference(model, p, (9,), steps=4), attribution.reference(model, p, 9, steps=4))
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])

@@ -118,7 +118,7 @@ def test_update_writes_only_the_chosen_columns_and_reloads(name, tmp_path):
     columns = sorted([(0, int(top[0, 0])), (2, int(top[2, 0])), (2, int(top[2, 1]))])
     base = {k: v.clone() for k, v in model.state_dict().items()}
     before = logits(model, p)
-    deltas, _ = solve.solve(model, columns, [solve.Goal([p], new_id=9)], settings=solve.Settings(steps=3, keep=0, text=0),
+    deltas, _ = solve.solve(model, columns, [solve.Goal([p], new_ids=9)], settings=solve.Settings(steps=3, keep=0, text=0),
                             causal=arch.arch_of(model).causal)  # fmt: skip
     rules.write(model, deltas)
     after = logits(model, p)

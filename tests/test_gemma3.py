@@ -51,7 +51,7 @@ def test_gemma3_update_writes_down_proj_columns_and_reloads(gemma, tmp_path):
     base = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         deltas, _ = solve.solve(
-            model, columns, [solve.Goal([p], new_id=new)], settings=solve.Settings(steps=10, keep=0, text=0), causal=True
+            model, columns, [solve.Goal([p], new_ids=new)], settings=solve.Settings(steps=10, keep=0, text=0), causal=True
         )
         rules.write(model, deltas)
         after = attribution.clean_activations(model, p)[1]

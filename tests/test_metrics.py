@@ -18,6 +18,11 @@ def P(n):
     return Prompt(f"prompt {n} [Y]", (n,), 0)
 
 
+def one(seen):
+    """Seen answers written with one-token targets: ids -> (top-1, {token: p})."""
+    return {ids: ({1: (top,)}, {(t,): p for t, p in ps.items()}) for ids, (top, ps) in seen.items()}
+
+
 def test_perplexity_is_exp_mean_nll():
     assert metrics.perplexity([0.5, 0.25]) == pytest.approx(2**1.5)
     assert metrics.perplexity([1.0]) == pytest.approx(1.0)
@@ -30,7 +35,7 @@ def _world():
     fact = Fact("s", "t", 10, [P(1), P(2), P(3), P(4)])
     intra = Fact("s2", "u", 11, [P(5)])
     inter = Fact("s3", "v", 12, [P(6), P(7)])
-    pr = Probe("update", "r", [fact], [{3}], [intra], [inter], new_id=20)
+    pr = Probe("update", "r", [fact], [{3}], [intra], [inter], new_ids=(20,))
     before = {
         (1,): (10, {10: 0.6, 20: 0.1}),
         (2,): (10, {10: 0.5, 20: 0.2}),
@@ -49,7 +54,7 @@ def _world():
         (6,): (12, {12: 0.5}),
         (7,): (12, {12: 0.25}),
     }
-    return pr, before, after
+    return pr, one(before), one(after)
 
 
 def test_update_metrics_by_hand():
@@ -71,13 +76,43 @@ def test_erase_metrics_by_hand():
     pr = Probe("erase", "r", [a, b], [set(), set()], [], [other])
     before = {(1,): (1, {1: 0.5}), (2,): (1, {1: 0.5}), (3,): (5, {2: 0.5}), (4,): (3, {3: 0.9})}
     after = {(1,): (7, {1: 0.125}), (2,): (1, {1: 0.5}), (3,): (5, {2: 0.125}), (4,): (8, {3: 0.3})}
-    m = metrics.erase_metrics(pr, before, after)
+    m = metrics.erase_metrics(pr, one(before), one(after))
     assert m["accuracy_before"] == pytest.approx(2 / 3) and m["accuracy_after"] == pytest.approx(1 / 3)
     assert m["accuracy_change"] == pytest.approx(-1 / 3)
     assert m["ppl_before"] == pytest.approx(2.0)
     assert m["ppl_after"] == pytest.approx(math.exp((math.log(8) * 2 + math.log(2)) / 3))
     assert m["other_accuracy_before"] == 1.0 and m["other_accuracy_after"] == 0.0
     assert m["other_ppl_change"] == pytest.approx(0.9 / 0.3 - 1)
+
+
+def test_multi_token_metrics_by_hand():
+    """Old target (10, 11), new (20, 21, 22): success needs the whole new target as the continuation,
+    change is the old target's length of it changing; perplexities are per token."""
+    fact = Fact("s", "t", (10, 11), [P(1), P(2), P(3)])
+    intra = Fact("s2", "u", (5, 6), [P(4)])
+    pr = Probe("update", "r", [fact], [{2}], [intra], [], new_ids=(20, 21, 22))
+    old, new = (10, 11), (20, 21, 22)
+    probs = lambda a, b: {old: a, new: b}
+    before = {
+        (1,): ({1: (10,), 2: (10, 11), 3: (10, 11, 9)}, probs(0.5, 0.01)),
+        (2,): ({1: (10,), 2: (10, 11), 3: (10, 11, 9)}, probs(0.4, 0.02)),
+        (3,): ({1: (10,), 2: (10, 11), 3: (10, 11, 9)}, probs(0.3, 0.03)),
+        (4,): ({1: (5,), 2: (5, 6)}, {(5, 6): 0.25}),
+    }
+    after = {
+        (1,): ({1: (20,), 2: (20, 21), 3: (20, 21, 22)}, probs(0.01, 0.5)),  # the new target: success
+        (2,): ({1: (20,), 2: (20, 21), 3: (20, 21, 7)}, probs(0.01, 0.1)),  # starts like it: changed, no success
+        (3,): ({1: (10,), 2: (10, 11), 3: (10, 11, 9)}, probs(0.3, 0.03)),  # held out, unchanged
+        (4,): ({1: (5,), 2: (5, 8)}, {(5, 6): 1 / 16}),
+    }
+    m = metrics.update_metrics(pr, before, after)
+    assert m["change_rate"] == pytest.approx(2 / 3)
+    assert m["success_rate"] == pytest.approx(1 / 3) and m["efficacy"] == pytest.approx(1 / 2)
+    assert m["generalization"] == 0.0
+    assert m["p_new_shift"] == pytest.approx((0.49 + 0.08 + 0.0) / 3)
+    assert m["intra_ppl_before"] == pytest.approx(2.0) and m["intra_ppl_after"] == pytest.approx(4.0)  # per token
+    assert m["intra_kept"] == 0.0
+    assert metrics.perplexity([0.25, 0.5], [2, 1]) == pytest.approx(math.exp(math.log(8) / 3))
 
 
 def test_consistency_and_neuron_stats_by_hand():

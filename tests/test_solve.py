@@ -27,6 +27,20 @@ def test_partial_forward_equals_the_model(kind, request):
             torch.testing.assert_close(S._logits(m, rows, layer), want, rtol=1e-5, atol=1e-5)
 
 
+def test_goal_reads_the_whole_new_target_and_the_old_target_first_token():
+    """An update reads t' under teacher forcing (causal) or at k masks (masked); an erase the first token of t."""
+    from kn_edit.plan.prompts import Prompt
+
+    causal, masked = Prompt("a [Y]", (5, 6, 7), 2), Prompt("a [Y] .", (1, 5, 4, 2), 2)
+    up, erase = S.Goal([causal], new_ids=(8, 9, 10)), S.Goal([causal], old_ids=(8, 9))
+    assert up.reads(True) == [(Prompt("a [Y]", (5, 6, 7, 8, 9), 2), (8, 9, 10))]
+    assert erase.reads(True) == [(Prompt("a [Y]", (5, 6, 7, 8), 2), (8,))]
+    two_masks = Prompt("a [Y] .", (1, 5, 4, 4, 2), 2)
+    assert S.Goal([masked], new_ids=(8, 9)).reads(False) == [(two_masks, (8, 9))]
+    assert S.Goal([masked], old_ids=(8, 9)).reads(False) == [(two_masks, (8,))]
+    assert S.Goal([causal], new_ids=3).reads(True) == [(causal, (3,))]
+
+
 def _prompts(tok, world, relation, k, causal=True):
     s, o = world.facts[relation][k]
     return [encode(tok, t.replace("[X]", s), causal) for t in world.templates(relation)], o
@@ -40,7 +54,7 @@ def test_solve_takes_and_changes_only_the_selected_slots(llama_dir, world):
     for k in (0, 5, 10):
         ps, o = _prompts(tok, world, "capital", k)
         new = next(x for x in world.objects("capital") if x != o)
-        goals.append(S.Goal(ps[:2], new_id=target_id(tok, ps[0], new, True)))
+        goals.append(S.Goal(ps[:2], new_ids=target_id(tok, ps[0], new, True)))
     columns = [(l, i) for l in (2, 3) for i in range(0, 256, 8)]
     deltas, stats = S.solve(m, columns, goals, settings=S.Settings(steps=200, margin=1.0))
     assert stats.reached and set(deltas) == set(columns)
@@ -48,7 +62,7 @@ def test_solve_takes_and_changes_only_the_selected_slots(llama_dir, world):
 
     rules.write(m, deltas)
     for g in goals:
-        assert all(int(p.argmax()) == g.new_id for p in predict_many(m, g.prompts))
+        assert all((int(p.argmax()),) == g.new_ids for p in predict_many(m, g.prompts))
     changed = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {arch.value_param_name(m, 2), arch.value_param_name(m, 3)}
     for layer in (2, 3):
@@ -69,7 +83,7 @@ def test_preservation_holds_what_it_is_asked_to_hold(llama_dir, world):
         for k in (0, 5, 10, 15):
             ps, o = _prompts(tok, world, "capital", k)
             new = next(x for x in world.objects("capital") if x != o)
-            goals.append(S.Goal(ps, new_id=target_id(tok, ps[0], new, True)))
+            goals.append(S.Goal(ps, new_ids=target_id(tok, ps[0], new, True)))
         for rels in (("capital",), ("language", "maker")):
             others = [p for r in rels for k in range(24) if r != "capital" or k % 5 for p in _prompts(tok, world, r, k)[0][:2]]
             seen, keep_set = others[1::2], others[0::2]

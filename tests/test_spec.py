@@ -54,13 +54,18 @@ def test_schema_errors(bert_dir, world, write_spec, tmp_path, mutate, where, exp
     assert not (tmp_path / "out").exists()
 
 
-def test_target_not_single_token(bert_dir, world, write_spec, tmp_path):
-    spec = good(bert_dir, world)
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_multi_token_targets_validate(kind, world, write_spec, tmp_path, request):
+    spec = good(request.getfixturevalue(f"{kind}_dir"), world)
+    spec["edits"][0]["update"]["new_target"] = "city3 lang5 city1"
+    r = run_cli("validate", write_spec(spec))
+    assert r.exit_code == 0, r.output
+    assert "-> 'city3 lang5 city1' (3 tokens: ['city3', 'lang5', 'city1'])" in r.output
     spec["edits"][0]["update"]["new_target"] = "two words"
     path = write_spec(spec)
     r = run_cli("build", path, tmp_path / "out")
     assert r.exit_code == 2
-    assert f"{path}: edits[0].update.new_target: 'two words' is not a single token" in r.output
+    assert f"{path}: edits[0].update.new_target: 'two words' has a token unknown" in r.output
     assert not (tmp_path / "out").exists()
 
 
@@ -131,9 +136,9 @@ def test_method_errors_name_the_field_as_written(bert_dir, world, write_spec, me
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("new_target", "zorblax", "'zorblax' is not in this model's vocabulary (it becomes the unknown token '[UNK]')"),
-        ("target", "zorblax", "'zorblax' is not in this model's vocabulary"),
-        ("target", "two words", "'two words' is not a single token"),  # at target, not at templates[i]
+        ("new_target", "zorblax", "'zorblax' has a token unknown to this model's vocabulary (it tokenizes as ['[UNK]'])"),
+        ("target", "zorblax", "'zorblax' has a token unknown to this model's vocabulary"),
+        ("target", "city1 zorblax", "'city1 zorblax' has a token unknown"),  # several tokens: at target, not at templates[i]
         ("subject", "zorblax land", "'zorblax land' has words this model's vocabulary lacks"),
     ],
 )

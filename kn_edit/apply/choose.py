@@ -163,8 +163,8 @@ def _written(model, method, e) -> Written:
     if not r.search:
         return Written(r.rule, r.lambda1, r.lambda2, r.sign_aware, 1.0, r.cap)
     signs = e.located[0].activation if r.sign_aware else None
-    ds = rules.deltas(model, e.neurons, e.fact.target_id, e.new_id, r.rule, r.lambda1, r.lambda2, signs)
+    ds = rules.deltas(model, e.neurons, e.fact.target_ids, e.new_ids, r.rule, r.lambda1, r.lambda2, signs)
     grid = rules.grid(method.scale_min, method.scale_max, method.scale_factor)
     with rules.restored(model, e.neurons):
-        s = rules.search_scale(model, ds, e.located_prompts, e.new_id, grid, method.scale_need, r.cap)
+        s = rules.search_scale(model, ds, e.located_prompts, e.new_ids, grid, method.scale_need, r.cap)
     return Written(r.rule, r.lambda1, r.lambda2, r.sign_aware, s.scale, r.cap, scale_searched=True, scale_reached=s.ok)

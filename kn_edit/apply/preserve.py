@@ -69,7 +69,7 @@ def erased_elsewhere(model, batch, e, n: int = 16, seed: int = 0) -> list[tuple]
     subjects = _subjects(_avoid(batch))
     picked = random.Random(f"kn-edit-erase:{seed}").sample(subjects, min(n, len(subjects)))
     prompts = _filled(batch, _templates(e), picked)
-    answers = {f.target_id for f in e.facts}
+    answers = {f.target_ids[0] for f in e.facts}
     top = [int(x.argmax()) for x in predict_many(model, prompts)] if prompts else []
     return [(p, t) for p, t in zip(prompts, top, strict=True) if t in answers]
 

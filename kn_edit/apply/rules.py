@@ -9,6 +9,10 @@ about half of the neurons located on a SmolLM2 fact are negative at the answer p
 adding e_t' to their slots pushes the output away from t'. There the default follows the
 activation's sign and picks the smallest scale that makes the edit work on the fact's own
 prompts, since a fixed large lambda teaches the whole relation to say t' (benchmarks/gated_edits.py).
+
+A target of several tokens enters the update rules through the mean of its tokens' output
+embeddings (e_t = mean_j e_{t_j}; one token: e_t itself), and the scale search asks for the
+whole new target as the greedy continuation. The erase rules do not read targets.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import torch
 from ..locate.neurons import Neuron
 from ..measure import predict as prediction
 from ..model import arch
+from ..plan.prompts import as_ids
 
 
 @torch.no_grad()
 def deltas(
     model,
     neurons: list[Neuron],
-    old_id: int,
-    new_id: int,
+    old_ids,
+    new_ids,
     rule: str,
     lambda1: float,
     lambda2: float,
@@ -36,10 +41,10 @@ def deltas(
 ) -> dict[Neuron, torch.Tensor]:
     """authors: delta = -l1 |v|/|e_t| e_t + l2 |v|/|e_t'| e_t'  (Dai et al.'s released rule)
     plain:   delta = -l1 e_t + l2 e_t'
-    With `signs`, a neuron whose activation is negative gets the opposite direction: its
+    old_ids, new_ids: a token id or a target's ids (e_t: the mean of their embeddings). With `signs`, a neuron whose activation is negative gets the opposite direction: its
     slot enters the output multiplied by a negative number."""
     emb = _embedding_in_value_space(model)
-    e_old, e_new = emb[old_id].float(), emb[new_id].float()
+    e_old, e_new = (emb[list(as_ids(t))].float().mean(0) for t in (old_ids, new_ids))
     out = {}
     for layer, i in neurons:
         v = arch.value_slots(model, layer)[i].float()
@@ -94,8 +99,8 @@ def write(model, ds: dict[Neuron, torch.Tensor], scale: float = 1.0, cap: float 
 def update(
     model,
     neurons: list[Neuron],
-    old_id: int,
-    new_id: int,
+    old_ids,
+    new_ids,
     rule: str,
     lambda1: float,
     lambda2: float,
@@ -103,7 +108,7 @@ def update(
     scale: float = 1.0,
     cap: float | None = None,
 ) -> None:
-    write(model, deltas(model, neurons, old_id, new_id, rule, lambda1, lambda2, signs), scale, cap)
+    write(model, deltas(model, neurons, old_ids, new_ids, rule, lambda1, lambda2, signs), scale, cap)
 
 
 def grid(lo: float, hi: float, factor: float) -> list[float]:
@@ -119,15 +124,16 @@ def grid(lo: float, hi: float, factor: float) -> list[float]:
 class Search:
     scale: float
     ok: bool  # False: no scale in the grid worked; the largest was written
-    success: float  # share of the prompts answering new_id at the written scale
+    success: float  # share of the prompts answering the new target at the written scale
     tries: int
 
 
 @torch.no_grad()
 def search_scale(
-    model, ds: dict[Neuron, torch.Tensor], prompts, new_id: int, scales: list[float], need: float = 1.0, cap: float | None = None
+    model, ds: dict[Neuron, torch.Tensor], prompts, new_ids, scales: list[float], need: float = 1.0, cap: float | None = None
 ) -> Search:
-    """Write the smallest scale of `scales` at which >= `need` of `prompts` answer new_id.
+    """Write the smallest scale of `scales` at which >= `need` of `prompts` answer new_ids (a token
+    id or a target's ids: the greedy continuation starts with them).
 
     Each try is undone by copying back the touched rows, so the slots are bit-identical to
     the start until the final write. None works: the largest scale is written (ok=False)."""
@@ -135,7 +141,7 @@ def search_scale(
     def rate_at(s):
         with restored(model, ds):
             write(model, ds, s, cap)
-            return prediction.rate(int(prediction.predict(model, p).argmax()) == new_id for p in prompts)
+            return prediction.rate(prediction.starts(model, p, as_ids(new_ids)) for p in prompts)
 
     r = 0.0
     for k, s in enumerate(scales, 1):

@@ -13,8 +13,12 @@ Objective, minimised with Adam (all edits at once):
   + l2   * sum_j |d_j|^2 / |v_j|^2                                     small changes
 
 An edit prompt stops pulling once t' leads every other token by `margin` (log-probability); the
-solve stops when all do. Nothing below the lowest edited layer changes, so the hidden states
-entering that layer are computed once and each step runs only the blocks above it.
+solve stops when all do. A target of k tokens is read under teacher forcing (plan.prompts.answering):
+-log p(t') is the sum over its tokens, each position stopping once its token leads by the margin
+(then the greedy continuation is t'). An erase pushes down the first token of t alone: once it
+trails, no continuation starts with t (a masked LM: at as many masks as t has). Nothing below the
+lowest edited layer changes, so the hidden states entering that layer are computed once and each
+step runs only the blocks above it.
 """
 
 from __future__ import annotations
@@ -27,16 +31,28 @@ import torch
 from .. import progress
 from ..locate import engine
 from ..model import arch
+from ..plan.prompts import answering, as_ids
 
 
 @dataclass
 class Goal:
-    """One edit's prompts (token ids, answer position) and what they should answer: `new_id` (an
-    update), or anything but `old_id` (an erase)."""
+    """One edit's prompts (token ids, answer position) and what they should answer: `new_ids` (an
+    update), or anything but `old_ids` (an erase); a token id is taken as one-token target."""
 
     prompts: list  # plan.prompts.Prompt
-    new_id: int | None = None
-    old_id: int | None = None
+    new_ids: tuple[int, ...] | None = None
+    old_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        self.new_ids = None if self.new_ids is None else as_ids(self.new_ids)
+        self.old_ids = None if self.old_ids is None else as_ids(self.old_ids)
+
+    def reads(self, causal: bool) -> list[tuple]:
+        """(prompt as the model reads it, token ids to score at its positions pos, pos + 1, ...): an
+        update's whole t', an erase's first token of t (a masked LM's read at as many masks as t has)."""
+        if self.new_ids is not None:
+            return [(answering(p, self.new_ids, causal), self.new_ids) for p in self.prompts]
+        return [(answering(p, self.old_ids, causal), self.old_ids[:1]) for p in self.prompts]
 
 
 @dataclass
@@ -66,6 +82,7 @@ class _Rows:
     h: torch.Tensor  # [rows, S, hidden]
     at: tuple[torch.Tensor, torch.Tensor]  # (row, position) of each scored position
     order: list[int]  # which sequence each row is
+    idx: torch.Tensor  # [scored positions] each one's index among all sequences' scored positions
     base: torch.Tensor | None = None  # [scored positions, vocab] log-probs of the base model
 
 
@@ -74,6 +91,9 @@ def _rows(model, seqs: list[list[int]], scored: list[list[int]], layer: int, bat
     scored[k]: the positions of sequence k whose output distribution counts. A causal model's
     sequences are padded on the right (no position looks ahead, so padding changes nothing it
     scores); a masked LM's are grouped by length instead."""
+    first = [0]
+    for s in scored:
+        first.append(first[-1] + len(s))
     groups: dict[int, list[int]] = {}
     for k, s in enumerate(seqs):
         groups.setdefault(0 if causal else len(s), []).append(k)
@@ -90,7 +110,8 @@ def _rows(model, seqs: list[list[int]], scored: list[list[int]], layer: int, bat
                 model(input_ids=torch.tensor(ids, device=model.device))
             pairs = [(r, p) for r, k in enumerate(chunk) for p in scored[k]]
             at = tuple(torch.tensor(x, device=model.device) for x in zip(*pairs, strict=True))
-            out.append(_Rows(store[0], at, chunk))
+            idx = torch.tensor([first[k] + j for k in chunk for j in range(len(scored[k]))], device=model.device)
+            out.append(_Rows(store[0], at, chunk, idx))
     return out
 
 
@@ -136,10 +157,11 @@ class _Delta:
 
 
 def _edit_loss(model, rows: _Rows, layer: int, target, update, margin: float):
-    """(summed loss, done flags) of a group of edit prompts: an update pulls t' up until it leads
-    every other token by the margin; an erase pushes t down until it trails by it."""
+    """(summed loss, done flags) of a group of edit prompts' scored positions: an update pulls each
+    token of t' up until it leads every other token by the margin; an erase pushes t down until it
+    trails by it."""
     logp = _logits(model, rows, layer).log_softmax(-1)
-    t, up = target[rows.order], update[rows.order]
+    t, up = target[rows.idx], update[rows.idx]
     gold = logp.gather(1, t[:, None])[:, 0]
     others = logp.scatter(1, t[:, None], -math.inf).max(-1).values
     pulling = torch.where(up, gold - others, others - gold) < margin
@@ -161,10 +183,12 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
     text: (token ids, scored positions) windows of plain text; causal: the model is a causal LM."""
     s = settings or Settings()
     layer = min(l for l, _ in columns)
-    prompts = [p for g in goals for p in g.prompts]
-    target = torch.tensor([g.new_id if g.new_id is not None else g.old_id for g in goals for _ in g.prompts], device=model.device)
-    update = torch.tensor([g.new_id is not None for g in goals for _ in g.prompts], device=model.device)
-    edit_rows = _rows(model, [list(p.ids) for p in prompts], [[p.pos] for p in prompts], layer, 32, causal)
+    reads = [(g, *r) for g in goals for r in g.reads(arch.arch_of(model).causal)]
+    # one entry per scored position: the token it should read, and whether it is an update's
+    target = torch.tensor([t for _, _, ids in reads for t in ids], device=model.device)
+    update = torch.tensor([g.new_ids is not None for g, _, ids in reads for _ in ids], device=model.device)
+    seqs, scored = [list(p.ids) for _, p, _ in reads], [list(range(p.pos, p.pos + len(ids))) for _, p, ids in reads]
+    edit_rows = _rows(model, seqs, scored, layer, 32, causal)
     # preservation rows in small groups, a random share of them per step
     keep_rows = _rows(model, [list(p.ids) for p in keep_prompts], [[p.pos] for p in keep_prompts], layer, 16, causal)
     text_rows = _rows(model, [list(w) for w, _ in text], [list(at) for _, at in text], layer, 1, causal)
@@ -186,7 +210,7 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
             n += size(rows[k])
         return picked, 1 / n
 
-    done = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # as last seen, per edit prompt
+    done = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # as last seen, per scored position
 
     delta = _Delta(model, columns)
     hidden = next(iter(delta.d.values())).shape[1]
@@ -197,11 +221,11 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
         for step in range(s.steps):
             opt.zero_grad()
             total = 0.0
-            picked = edit_rows if len(target) <= s.edit_sample else draw(edit_rows, s.edit_sample, size=lambda r: len(r.order))[0]
+            picked = edit_rows if len(reads) <= s.edit_sample else draw(edit_rows, s.edit_sample, size=lambda r: len(r.order))[0]
             n = sum(len(r.order) for r in picked)
             for r in picked:
                 loss, ok = _edit_loss(model, r, layer, target, update, s.margin)
-                done[r.order] = ok
+                done[r.idx] = ok
                 if not ok.all():
                     (loss / n).backward()
                 total += float(loss.detach()) / n

@@ -27,7 +27,7 @@ def write(model, e, neurons, erase_method, unk: int | None, activation: dict | N
         signs = None
         if w.sign_aware:
             signs = activation if activation is not None else _mean_activation(model, e.fact, neurons)
-        rules.update(model, neurons, e.fact.target_id, e.new_id, w.rule, w.lambda1, w.lambda2, signs, w.scale, w.norm_cap)
+        rules.update(model, neurons, e.fact.target_ids, e.new_ids, w.rule, w.lambda1, w.lambda2, signs, w.scale, w.norm_cap)
     else:
         rules.erase(model, neurons, erase_method.value, unk)
 
@@ -36,9 +36,9 @@ def goals(model, batch, e, seed: int = 0) -> list[Goal]:
     """What the solve asks of edit e: its located prompts answer t' (update), or not t (erase: on the
     facts given, and on its templates about other subjects where the model gives one of their answers)."""
     if e.kind == "update":
-        return [Goal(e.located_prompts, new_id=e.new_id)]
-    elsewhere = [Goal([p], old_id=t) for p, t in preserve.erased_elsewhere(model, batch, e, seed=seed)]
-    return [Goal(f.prompts, old_id=f.target_id) for f in e.facts] + elsewhere
+        return [Goal(e.located_prompts, new_ids=e.new_ids)]
+    elsewhere = [Goal([p], old_ids=(t,)) for p, t in preserve.erased_elsewhere(model, batch, e, seed=seed)]
+    return [Goal(f.prompts, old_ids=f.target_ids) for f in e.facts] + elsewhere
 
 
 def settings(method, seed: int) -> Settings:

@@ -1,6 +1,13 @@
 """Knowledge attribution: integrated gradients of p(target) w.r.t. each FFN neuron at the
 answer position (Dai et al., 2022, eq. 3-4).
 
+A target of k tokens t_1..t_k is attributed through the probability of the whole answer,
+p(t) = prod_j p(t_j | prompt, t_<j): a causal LM reads it under teacher forcing (t_1..t_{k-1}
+appended to the prompt), a masked LM at k masks put in place of [Y] (plan.prompts.answering).
+The neurons are those at the answer position (the last prompt token; the first mask): that is
+where the model commits to the answer, and scaling them there reaches every later answer
+position through attention. k = 1 is the paper's p(t).
+
 For layer l with activation a_l at the answer position, the whole layer's activation there is
 scaled together: score_l = a_l / m * sum_{k=0}^{m-1} d p(t | activation = (k/m) a_l) / d activation.
 alpha = k/m for k = 0..m-1 (a left Riemann sum, as in the authors' released code).
@@ -27,7 +34,7 @@ import weakref
 import torch
 
 from ..model import arch
-from ..plan.prompts import Prompt
+from ..plan.prompts import Prompt, answering, as_ids
 from . import engine
 
 
@@ -82,8 +89,19 @@ def clean_activations(model, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack([store[l][0] for l in range(len(store))]).float(), logits.float().softmax(-1)
 
 
-def reference(model, prompt: Prompt, target: int, steps: int = 20) -> torch.Tensor:
-    """[L, I] attribution scores, one whole-model pass per layer (batch of m scaled copies)."""
+def answer_prob(logits: torch.Tensor, pos: int, targets: tuple[int, ...]) -> torch.Tensor:
+    """[rows] prod_j p(t_j) read at positions pos + j of logits [rows, S, vocab]."""
+    p = logits[:, pos].float().softmax(-1)[:, targets[0]]
+    for j, t in enumerate(targets[1:], 1):
+        p = p * logits[:, pos + j].float().softmax(-1)[:, t]
+    return p
+
+
+def reference(model, prompt: Prompt, target, steps: int = 20) -> torch.Tensor:
+    """[L, I] attribution scores, one whole-model pass per layer (batch of m scaled copies).
+    target: a token id, or the token ids of a k-token answer."""
+    targets = as_ids(target)
+    prompt = answering(prompt, targets, arch.arch_of(model).causal)
     acts, _ = clean_activations(model, prompt)
     ids = torch.tensor([prompt.ids], device=model.device).expand(steps, -1)
     alphas = _alphas(steps, model.device)
@@ -91,15 +109,14 @@ def reference(model, prompt: Prompt, target: int, steps: int = 20) -> torch.Tens
     for l in range(acts.shape[0]):
         scaled = (alphas[:, None] * acts[l][None]).requires_grad_(True)
         with patched(model, l, lambda x: _replace_at(x, 0, prompt.pos, scaled), len(prompt.ids)):
-            logits = model(ids).logits[:, prompt.pos]
-        p = logits.float().softmax(-1)[:, target]
+            p = answer_prob(model(ids).logits, prompt.pos, targets)
         (grad,) = torch.autograd.grad(p.sum(), scaled)
         scores[l] = grad.sum(0) * acts[l] / steps
     return scores
 
 
 def fast(
-    model, prompt: Prompt, target: int, steps: int = 20, dtype: torch.dtype | None = None, max_rows: int | None = None
+    model, prompt: Prompt, target, steps: int = 20, dtype: torch.dtype | None = None, max_rows: int | None = None
 ) -> torch.Tensor:
     """Same numbers as `reference` (fp32), with layers joining the batch at their own layer.
 
@@ -125,6 +142,8 @@ def _attention(model):
 def _fast(model, prompt, target, steps, dtype, max_rows):
     a = arch.arch_of(model)
     L, _ = arch.shape(model)
+    targets = as_ids(target)
+    prompt = answering(prompt, targets, a.causal)
     ids = torch.tensor([prompt.ids], device=model.device)
     store, taps = {}, {}
     seq = ids.shape[1]
@@ -135,24 +154,26 @@ def _fast(model, prompt, target, steps, dtype, max_rows):
         _autocast(model, dtype),
     ):
         out = model(ids, output_hidden_states=True, **engine.cache_kwargs(model))
-    inputs = engine.block_inputs(model, ids, out)
+    inputs = engine.block_inputs(model, ids, out, len(targets))
     acts = [store[l][0].float() for l in range(L)]
     if max_rows is None:
         max_rows = row_budget(model, ids.shape[1], dtype)
     grads = []
     for group in layer_groups(L, steps, max_rows):
-        grads += _group_grads(model, a, group, taps, inputs, acts, prompt.pos, target, steps, dtype)
+        grads += _group_grads(model, a, group, taps, inputs, acts, prompt.pos, targets, steps, dtype)
     return torch.stack([g.float().sum(0) * acts[l] / steps for l, g in enumerate(grads)])
 
 
-def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, target, steps, dtype):
-    """Gradients of p(target) w.r.t. the scaled activations of `layers` (contiguous).
+def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, targets, steps, dtype):
+    """Gradients of p(answer) w.r.t. the scaled activations of `layers` (contiguous).
 
     Layer l's m rows start at the output of block l: the clean output, with the answer position
     recomputed from its residual and the scaled activations (nothing else in block l changes)."""
-    # causal: rows are the last position alone; masked: rows are whole sequences
-    span = slice(-1, None) if a.causal else slice(None)
+    k = len(targets)
+    # causal: rows are the last k positions (the answer's); masked: rows are whole sequences
+    span = slice(-k, None) if a.causal else slice(None)
     pos = 0 if a.causal else answer_pos
+    read = span if a.causal else slice(answer_pos, answer_pos + k)  # the positions the head reads
     alphas = _alphas(steps, model.device)
     leaves, h = [], None
     top = len(acts) - 1
@@ -161,7 +182,7 @@ def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, target, steps
             if h is not None:
                 # masked LMs: the top block runs for the answer position alone
                 h = (
-                    engine.run_block_at(model, l, h, pos, inputs)
+                    engine.run_block_at(model, l, h, pos, inputs, k)
                     if l == top and not a.causal
                     else engine.run_block(model, l, h, inputs)
                 )
@@ -169,15 +190,20 @@ def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, target, steps
                 leaf = (alphas[:, None] * acts[l][None]).requires_grad_(True)
                 leaves.append(leaf)
                 at = engine.ffn_output(model, l, taps[l]["residual"], leaf)
-                if l == top:
+                if l == top and k == 1:
                     rows = at[:, None]
+                elif l == top:
+                    rows = _replace_at(taps[l]["out"][:, read].expand(steps, -1, -1), 0, 0, at)
                 else:
                     rows = _replace_at(taps[l]["out"][:, span].expand(steps, -1, -1), 0, pos, at)
                 h = rows if h is None else torch.cat([h, rows.to(h.dtype)])
-    with _autocast(model, dtype):
-        x = arch.head_input(model, h[:, 0])  # one position left: the answer
     out = arch.output_module(model)
-    p = TargetProb.apply(x, out.weight, out.bias, target, arch.softcap(model))
+    p = None
+    for j, t in enumerate(targets):  # k positions left: the answer's
+        with _autocast(model, dtype):
+            x = arch.head_input(model, h[:, j])
+        pj = TargetProb.apply(x, out.weight, out.bias, t, arch.softcap(model))
+        p = pj if p is None else p * pj
     return list(torch.autograd.grad(p.sum(), leaves))
 
 
@@ -297,7 +323,7 @@ def _autocast(model, dtype):
 ENGINES = {"reference": reference, "fast": fast}
 
 
-def scores(model, prompt: Prompt, target: int, steps: int = 20, engine: str = "fast", dtype=None) -> torch.Tensor:
+def scores(model, prompt: Prompt, target, steps: int = 20, engine: str = "fast", dtype=None) -> torch.Tensor:
     if engine == "reference":
         with _autocast(model, dtype):
             return reference(model, prompt, target, steps)

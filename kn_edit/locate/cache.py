@@ -51,7 +51,8 @@ def inputs(identity: dict, fact, method, dtype: str) -> dict:
         "model": identity,
         "subject": fact.subject,
         "target": fact.target,
-        "target_id": fact.target_id,
+        # one token as before (the keys of single-token facts unchanged), else the list
+        "target_id": fact.target_ids[0] if len(fact.target_ids) == 1 else list(fact.target_ids),
         "prompts": [{"text": p.text, "ids": list(p.ids), "pos": p.pos} for p in fact.prompts],
         "method": method.model_dump(mode="json"),
         "dtype": _DTYPE_NAMES.get(dtype, dtype),

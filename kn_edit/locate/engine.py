@@ -110,16 +110,16 @@ def cache_kwargs(model) -> dict:
     return {"use_cache": True, "past_key_values": DynamicCache()} if arch.arch_of(model).causal else {"use_cache": False}
 
 
-def block_inputs(model, ids: torch.Tensor, out) -> BlockInputs:
+def block_inputs(model, ids: torch.Tensor, out, k: int = 1) -> BlockInputs:
     """From a full forward pass (cache_kwargs, output_hidden_states=True) over `ids` [1, S], what
-    is needed to run the blocks again on the last position alone (causal) or on the whole sequence (masked)."""
+    is needed to run the blocks again on the last k positions alone (causal) or on the whole sequence (masked)."""
     h = out.hidden_states[0]
     if not arch.arch_of(model).causal:
         return sequence_inputs(model, h)
     layers = out.past_key_values.layers
-    kv = PrefixKV([x.keys[:, :, :-1].detach() for x in layers], [x.values[:, :, :-1].detach() for x in layers])
-    last = torch.tensor([ids.shape[1] - 1], device=ids.device)
-    return BlockInputs(kv, arch.rope(model, h[:, -1:], last[None]), attention_masks(model, last, ids.shape[1], h.dtype))
+    kv = PrefixKV([x.keys[:, :, :-k].detach() for x in layers], [x.values[:, :, :-k].detach() for x in layers])
+    last = torch.arange(ids.shape[1] - k, ids.shape[1], device=ids.device)
+    return BlockInputs(kv, arch.rope(model, h[:, -k:], last[None]), attention_masks(model, last, ids.shape[1], h.dtype))
 
 
 class WholeKV:
@@ -132,20 +132,20 @@ class WholeKV:
         return self.keys, self.values
 
 
-def run_block_at(model, layer: int, h: torch.Tensor, pos: int, inputs: BlockInputs) -> torch.Tensor:
-    """A masked LM's block output at position pos only, [rows, 1, hidden]: keys and values come
-    from every position, the query, attention output and FFN from pos alone (the top block
-    needs nothing else). Families without an `attention` entry run the whole block."""
+def run_block_at(model, layer: int, h: torch.Tensor, pos: int, inputs: BlockInputs, k: int = 1) -> torch.Tensor:
+    """A masked LM's block output at positions pos .. pos + k - 1 only, [rows, k, hidden]: keys and
+    values come from every position, the queries, attention output and FFN from those alone (the
+    top block needs nothing else). Families without an `attention` entry run the whole block."""
     block = arch.blocks(model)[layer]
     a = arch.arch_of(model)
     if not a.attention:
-        return run_block(model, layer, h, inputs)[:, pos : pos + 1]
+        return run_block(model, layer, h, inputs)[:, pos : pos + k]
     sa = arch.get(block, a.attention)
     shape = (*h.shape[:-1], -1, sa.attention_head_size)
-    k = sa.key(h).view(shape).transpose(1, 2)
-    v = sa.value(h).view(shape).transpose(1, 2)
+    keys = sa.key(h).view(shape).transpose(1, 2)
+    values = sa.value(h).view(shape).transpose(1, 2)
     # contiguous: a strided 3-d input sends nn.Linear to a batched matmul over copies of the weight
-    out = block(h[:, pos : pos + 1].contiguous(), **{cache_arg(block): WholeKV(k, v)})
+    out = block(h[:, pos : pos + k].contiguous(), **{cache_arg(block): WholeKV(keys, values)})
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -21,7 +21,7 @@ from ..apply import rules
 from ..apply.write import apply
 from ..locate import attribution
 from ..model import arch
-from ..plan.prompts import Prompt
+from ..plan.prompts import Prompt, answering
 from . import predict as prediction
 from .metrics import Seen, average, consistency, edit_metrics, mean, rel_change
 
@@ -39,26 +39,33 @@ class EditResult:
     control: dict | None = None  # mean over the draws
 
 
-def _wanted(edits) -> dict[Prompt, set[int]]:
+def _wanted(edits) -> dict[Prompt, set[tuple[int, ...]]]:
     want = defaultdict(set)
     for e in edits:
         pr = e.probe
         for f in pr.facts + pr.intra + pr.inter:
             for p in f.prompts:
-                want[p].add(f.target_id)
-                if pr.new_id is not None and f in pr.facts:
-                    want[p].add(pr.new_id)
+                want[p].add(f.target_ids)
+                if pr.new_ids is not None and f in pr.facts:
+                    want[p].add(pr.new_ids)
     return want
 
 
 @torch.no_grad()
 def measure(model, edits) -> Seen:
-    """Top-1 and the watched probabilities on every prompt the edits' probes name."""
+    """The answers (of each length watched) and the watched answers' probabilities on every
+    prompt the edits' probes name."""
     seen = {}
-    for p, ids in _wanted(edits).items():
+    for p, want in _wanted(edits).items():
         probs = prediction.predict(model, p)
-        seen[p.ids] = (int(probs.argmax()), {i: float(probs[i]) for i in sorted(ids)})
+        tops = prediction.answers(model, p, {len(t) for t in want}, int(probs.argmax()))
+        seen[p.ids] = (tops, {t: answer_p(model, p, t, probs) for t in sorted(want)})
     return seen
+
+
+def answer_p(model, prompt: Prompt, ids: tuple[int, ...], probs: torch.Tensor) -> float:
+    """p(ids): read from probs, the answer position's distribution, for one token."""
+    return float(probs[ids[0]]) if len(ids) == 1 else prediction.answer_prob(model, prompt, ids)
 
 
 def _by_layer(neurons) -> dict[int, list[int]]:
@@ -69,7 +76,7 @@ def _by_layer(neurons) -> dict[int, list[int]]:
 
 
 @torch.no_grad()
-def scaled_p(model, prompt: Prompt, neurons, factor: float, target: int) -> float:
+def scaled_p(model, prompt: Prompt, neurons, factor: float, target: tuple[int, ...]) -> float:
     """p(target) with the neurons' activations at the answer position multiplied by factor."""
 
     def fn(idx):
@@ -80,10 +87,13 @@ def scaled_p(model, prompt: Prompt, neurons, factor: float, target: int) -> floa
 
         return scale
 
+    seq = len(answering(prompt, target, arch.arch_of(model).causal).ids)  # what the model reads
     with contextlib.ExitStack() as stack:
         for layer, idx in _by_layer(neurons).items():
-            stack.enter_context(attribution.patched(model, layer, fn(idx), len(prompt.ids)))
-        return float(prediction.predict(model, prompt)[target])
+            stack.enter_context(attribution.patched(model, layer, fn(idx), seq))
+        if len(target) == 1:
+            return float(prediction.predict(model, prompt)[target[0]])
+        return prediction.answer_prob(model, prompt, target)
 
 
 def intervention(model, fact, neurons, before: Seen) -> tuple[float | None, float | None]:
@@ -94,7 +104,7 @@ def intervention(model, fact, neurons, before: Seen) -> tuple[float | None, floa
     for factor in (0.0, 2.0):
         out.append(
             mean(
-                rel_change(before[p.ids][1][fact.target_id], scaled_p(model, p, neurons, factor, fact.target_id))
+                rel_change(before[p.ids][1][fact.target_ids], scaled_p(model, p, neurons, factor, fact.target_ids))
                 for p in fact.prompts
             )
         )

@@ -6,7 +6,11 @@ Measured on the same prompts before and after the edits:
   and of other relations (inter), before and after;
 - erase: top-1 accuracy and perplexity on the erased relation's facts and on other relations';
 - suppression / amplification (measure/evaluate.py) and neuron statistics (the paper's Table 2).
-Relative changes are after / before - 1. "Seen" answers: prompt ids -> (top-1 id, {token id: p}).
+Relative changes are after / before - 1. "Seen" answers: prompt ids -> ({k: the k-token answer},
+{target ids: p}). A target of k tokens t: the k-token answer is the greedy continuation's first k
+tokens (a masked LM: the top token at each of k masks); the model answers t when that is t;
+p(t) is the sequence probability (teacher forcing); perplexities are per token,
+exp(sum -log p(t) / sum k). One-token targets give the paper's top-1 and p(t).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from itertools import combinations
 
 from ..spec import GATE_METRICS
 
-Seen = dict  # prompt ids -> (top-1 id, {token id: probability})
+Seen = dict  # prompt ids -> ({k: k-token answer}, {target ids: probability})
 
 
 def mean(xs) -> float | None:
@@ -25,10 +29,17 @@ def mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def perplexity(probs) -> float | None:
-    """exp(mean of -log p) over the gold probabilities of a set of prompts."""
-    m = mean(-math.log(max(p, 1e-45)) for p in probs)
-    return None if m is None else math.exp(m)
+def perplexity(probs, lengths=None) -> float | None:
+    """exp(mean of -log p per token) over the gold probabilities of a set of prompts; lengths:
+    the golds' numbers of tokens (all 1 when not given)."""
+    nll = [-math.log(max(p, 1e-45)) for p in probs]
+    n = len(nll) if lengths is None else sum(lengths)
+    return math.exp(sum(nll) / n) if nll else None
+
+
+def _ppl(rows) -> float | None:
+    rows = list(rows)
+    return perplexity((ps[f.target_ids] for f, _, _, ps in rows), [len(f.target_ids) for f, _, _, _ in rows])
 
 
 def rel_change(before, after) -> float | None:
@@ -54,20 +65,28 @@ def _rows(facts, seen):
             yield f, p, top, ps
 
 
+def says(top: dict, ids: tuple) -> bool:
+    """Whether the answers `top` ({k: k-token answer}) start with the target ids."""
+    return top[len(ids)] == ids
+
+
 def update_metrics(pr, before: Seen, after: Seen) -> dict:
+    """change: the answer of the old target's length differs from before (for a known fact: it no
+    longer starts with the old target); success: it starts with the whole new target."""
     f = pr.facts[0]
     b = list(_rows(pr.facts, before))
     a = list(_rows(pr.facts, after))
     held = [k in pr.held[0] for k in range(len(f.prompts))]
-    success = [x[2] == pr.new_id for x in a]
-    ppl = lambda facts, seen: perplexity(ps[f_.target_id] for f_, _, _, ps in _rows(facts, seen))
+    success = [says(x[2], pr.new_ids) for x in a]
+    k = len(f.target_ids)
+    ppl = lambda facts, seen: _ppl(_rows(facts, seen))
     m = {
-        "change_rate": mean(x[2] != y[2] for x, y in zip(b, a)),
+        "change_rate": mean(x[2][k] != y[2][k] for x, y in zip(b, a)),
         "success_rate": mean(success),
         "efficacy": mean(s for s, h in zip(success, held) if not h),
         "generalization": mean(s for s, h in zip(success, held) if h),
-        "p_target_shift": mean(y[3][f.target_id] - x[3][f.target_id] for x, y in zip(b, a)),
-        "p_new_shift": mean(y[3][pr.new_id] - x[3][pr.new_id] for x, y in zip(b, a)),
+        "p_target_shift": mean(y[3][f.target_ids] - x[3][f.target_ids] for x, y in zip(b, a)),
+        "p_new_shift": mean(y[3][pr.new_ids] - x[3][pr.new_ids] for x, y in zip(b, a)),
     }
     for name, facts in (("intra", pr.intra), ("inter", pr.inter)):
         m[f"{name}_kept"] = kept(facts, before, after)
@@ -77,13 +96,14 @@ def update_metrics(pr, before: Seen, after: Seen) -> dict:
 
 
 def kept(facts, before: Seen, after: Seen) -> float | None:
-    """Share of the facts' prompts whose top-1 answer did not change."""
-    return mean(before[p.ids][0] == after[p.ids][0] for f in facts for p in f.prompts)
+    """Share of the facts' prompts whose answer (of the fact's target length) did not change."""
+    k = lambda f: len(f.target_ids)
+    return mean(before[p.ids][0][k(f)] == after[p.ids][0][k(f)] for f in facts for p in f.prompts)
 
 
 def _acc_ppl(facts, seen):
     rows = list(_rows(facts, seen))
-    return mean(top == f.target_id for f, _, top, _ in rows), perplexity(ps[f.target_id] for f, _, _, ps in rows)
+    return mean(says(top, f.target_ids) for f, _, top, _ in rows), _ppl(rows)
 
 
 def erase_metrics(pr, before: Seen, after: Seen) -> dict:
@@ -176,8 +196,7 @@ def neighbours(edits) -> tuple[list, list]:
 def _neighbour_metrics(intra, inter, before: Seen, after: Seen) -> dict:
     out = {}
     for name, facts in (("intra", intra), ("inter", inter)):
-        b = perplexity(ps[f.target_id] for f, _, _, ps in _rows(facts, before))
-        a = perplexity(ps[f.target_id] for f, _, _, ps in _rows(facts, after))
+        b, a = _ppl(_rows(facts, before)), _ppl(_rows(facts, after))
         out |= {f"{name}_kept": kept(facts, before, after), f"{name}_ppl_before": b, f"{name}_ppl_after": a,
                 f"{name}_ppl_change": rel_change(b, a)}  # fmt: skip
     return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..plan.prompts import Prompt
+from ..model import arch
+from ..plan.prompts import Prompt, answering
 
 
 @torch.no_grad()
@@ -27,6 +28,52 @@ def predict_many(model, prompts: list[Prompt], batch: int = 32) -> list[torch.Te
         logits = model(ids, attention_mask=mask).logits
         out += [logits[j, p.pos].float().softmax(-1) for j, p in enumerate(chunk)]
     return out
+
+
+@torch.no_grad()
+def answer_prob(model, prompt: Prompt, ids: tuple[int, ...]) -> float:
+    """p(answer) = prod_j p(ids[j] | prompt, ids[:j]) (teacher forcing; a masked LM: k masks)."""
+    from ..locate.attribution import answer_prob as prob
+
+    p = answering(prompt, ids, arch.arch_of(model).causal)
+    return float(prob(model(torch.tensor([p.ids], device=model.device)).logits, p.pos, ids)[0])
+
+
+@torch.no_grad()
+def says(model, prompt: Prompt, k: int, first: int | None = None) -> tuple[int, ...]:
+    """The model's k-token answer: its greedy continuation (causal), or the top token at each of k
+    masks (masked LM). first: the top token at the answer position, when already known."""
+    if not arch.arch_of(model).causal:
+        p = answering(prompt, (0,) * k, False)
+        logits = model(torch.tensor([p.ids], device=model.device)).logits[0, p.pos : p.pos + k]
+        return tuple(int(x) for x in logits.float().argmax(-1))
+    ids = list(prompt.ids)
+    for _ in range(k):
+        nxt = first if first is not None and len(ids) == len(prompt.ids) else None
+        if nxt is None:
+            nxt = int(model(torch.tensor([ids], device=model.device)).logits[0, -1].float().argmax())
+        ids.append(nxt)
+    return tuple(ids[len(prompt.ids) :])
+
+
+def answers(model, prompt: Prompt, lengths, top: int) -> dict[int, tuple[int, ...]]:
+    """{k: the model's k-token answer} for k = 1 and each k of lengths; top: the top token at the
+    answer position. A causal model's are the prefixes of one greedy continuation."""
+    lengths = {1, *lengths}
+    n = max(lengths)
+    if n == 1:
+        return {1: (top,)}
+    if arch.arch_of(model).causal:
+        cont = says(model, prompt, n, top)
+        return {k: cont[:k] for k in sorted(lengths)}
+    return {k: (top,) if k == 1 else says(model, prompt, k) for k in sorted(lengths)}
+
+
+def starts(model, prompt: Prompt, ids: tuple[int, ...]) -> bool:
+    """Whether the model's answer (greedy continuation; k masks) is `ids`."""
+    if len(ids) == 1:
+        return int(predict(model, prompt).argmax()) == ids[0]
+    return says(model, prompt, len(ids)) == tuple(ids)
 
 
 def answer(top: int, probs: dict[int, float], tok, watch: dict[str, int]) -> dict:

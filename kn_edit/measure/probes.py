@@ -18,7 +18,7 @@ class Probe:
     held: list[set[int]]  # per fact: indices of held-out prompts
     intra: list[Fact] = field(default_factory=list)  # update: same relation
     inter: list[Fact] = field(default_factory=list)  # other relations
-    new_id: int | None = None
+    new_ids: tuple[int, ...] | None = None
 
 
 def attach(edits, extra: list[tuple[str, Fact]], neighbours: int) -> None:
@@ -40,6 +40,6 @@ def attach(edits, extra: list[tuple[str, Fact]], neighbours: int) -> None:
         if e.kind == "update":
             n = len(e.fact.prompts)
             intra = [f for r, f in pool if r == e.relation][:neighbours]
-            e.probe = Probe("update", e.relation, e.facts[:1], [set(range(n - e.held_out, n))], intra, inter, e.new_id)
+            e.probe = Probe("update", e.relation, e.facts[:1], [set(range(n - e.held_out, n))], intra, inter, e.new_ids)
         else:
             e.probe = Probe("erase", e.relation, e.facts, [set() for _ in e.facts], [], inter)

@@ -62,12 +62,12 @@ def markdown(report, spec_text: str, figures: list[str]) -> str:
                 f"{fmt(ns.overlap_same_relation)}, of different relations: {fmt(ns.overlap_other_relation)}.", ""]  # fmt: skip
     for k, e in enumerate(report.edits):
         if e.kind == "update":
-            rows = [(r.prompt + (" (held out)" if r.held_out else ""), f"{r.before.top1} -> {r.after.top1}",
+            rows = [(r.prompt + (" (held out)" if r.held_out else ""), f"{r.before.shown} -> {r.after.shown}",
                      f"{r.before.p_target:.3g} -> {r.after.p_target:.3g}",
                      f"{r.before.p_new_target:.3g} -> {r.after.p_new_target:.3g}") for r in e.prompts]  # fmt: skip
             header = ["prompt", "top-1", "p(target)", "p(new target)"]
         else:
-            rows = [(r.prompt, f"{r.before.top1} -> {r.after.top1}", f"{r.before.p_target:.3g} -> {r.after.p_target:.3g}")
+            rows = [(r.prompt, f"{r.before.shown} -> {r.after.shown}", f"{r.before.p_target:.3g} -> {r.after.p_target:.3g}")
                     for r in e.prompts]  # fmt: skip
             header = ["prompt", "top-1", "p(target)"]
         out += [f"## Edit {k}: {e.title} ({e.neurons} neurons)", "", table(header, rows), ""]

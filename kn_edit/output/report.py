@@ -41,8 +41,13 @@ Value = float | int | None
 class Answer(_Model):
     top1: str
     top1_id: int
-    p_target: float
+    p_target: float  # of the whole target (a sequence probability when it has several tokens)
     p_new_target: float | None = None
+    continuation: str | None = None  # the greedy continuation, as long as the longest target, when that is > 1 token
+
+    @property
+    def shown(self) -> str:
+        return self.continuation if self.continuation is not None else self.top1
 
 
 class PromptRow(_Model):
@@ -256,12 +261,16 @@ def written_dict(w) -> dict:
     return {k: getattr(w, k) for k in HOW}
 
 
-def _answer(seen, tok, ids, target_id, new_id) -> Answer:
-    top, probs = seen[ids]
+def _answer(seen, tok, ids, target_ids, new_ids) -> Answer:
+    tops, probs = seen[ids]
+    top = tops[1][0]
     word = tok.decode([top])
-    a = {"top1": word.strip() or repr(word), "top1_id": top, "p_target": probs[target_id]}
-    if new_id is not None:
-        a["p_new_target"] = probs[new_id]
+    a = {"top1": word.strip() or repr(word), "top1_id": top, "p_target": probs[target_ids]}
+    if new_ids is not None:
+        a["p_new_target"] = probs[new_ids]
+    longest = tops[max(tops)]
+    if len(longest) > 1:
+        a["continuation"] = tok.decode(list(longest)).strip()
     return Answer(**a)
 
 
@@ -276,8 +285,8 @@ def _rows(e, tok, before, after) -> list[PromptRow]:
                     subject=f.subject,
                     target=f.target,
                     prompt=p.text,
-                    before=_answer(before, tok, p.ids, f.target_id, e.new_id),
-                    after=_answer(after, tok, p.ids, f.target_id, e.new_id),
+                    before=_answer(before, tok, p.ids, f.target_ids, e.new_ids),
+                    after=_answer(after, tok, p.ids, f.target_ids, e.new_ids),
                     held_out=held,
                 )
             )

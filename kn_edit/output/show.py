@@ -27,7 +27,7 @@ def summary(report, console: Console | None = None) -> None:
         p.add_column(col)
     for k, e in enumerate(report.edits):
         for r in e.prompts[:12]:
-            p.add_row(str(k), r.prompt, r.before.top1, r.after.top1)
+            p.add_row(str(k), r.prompt, r.before.shown, r.after.shown)
     console.print(p)
 
 

@@ -1,8 +1,10 @@
 """A spec made concrete for one tokenizer: one record per edit (`Edit`), which every later step
 fills in: locate (`located`), choose (`neurons`, `written`), verify (`probe`, `result`).
 
-Every tokenizer-level problem (a causal prompt whose [Y] is not at the end, a target that is
-not one token) is reported with its field path, before any model weights are loaded."""
+Targets are token ids, one or more (`Fact.target_ids`, `Edit.new_ids`). Every tokenizer-level
+problem (a causal prompt whose [Y] is not at the end, a target that merges with the text around
+[Y] or tokenizes differently in two prompts) is reported with its field path, before any model
+weights are loaded."""
 
 from __future__ import annotations
 
@@ -16,21 +18,24 @@ from ..locate.neurons import Located, Neuron
 from ..model import load as loading
 from ..spec import Spec
 from ..spec import load as load_spec
-from .prompts import Prompt, PromptError, encode, target_id, unknown
+from .prompts import Prompt, PromptError, as_ids, encode, pieces, target_ids, unknown
 
 
 @dataclass
 class Fact:
-    """A fact's prompts and target token for one tokenizer."""
+    """A fact's prompts and target tokens for one tokenizer."""
 
     subject: str
     target: str
-    target_id: int
+    target_ids: tuple[int, ...]  # one id is taken as (id,)
     prompts: list[Prompt]
     relation: str = ""
 
+    def __post_init__(self):
+        self.target_ids = as_ids(self.target_ids)
+
     def first(self, n: int) -> Fact:
-        return Fact(self.subject, self.target, self.target_id, self.prompts[:n], self.relation)
+        return Fact(self.subject, self.target, self.target_ids, self.prompts[:n], self.relation)
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Edit:
     where: str  # field path of the edit in the spec
     facts: list[Fact]  # update: the edited fact first, then relation_facts; erase: the relation's facts
     new_target: str | None = None
-    new_id: int | None = None
+    new_ids: tuple[int, ...] | None = None
     skipped: dict | None = None  # source: pararel: templates and facts the model cannot use
     held_out: int = 0  # update: the last held_out prompts of the edited fact are not used to locate
     # locate: per fact of `facts` (the edited fact on its located prompts only)
@@ -131,7 +136,7 @@ def fact(tok, causal, subject, target, texts, where, problems, relation: str = "
     if subject and unknown(tok, subject):
         problems.append((f"{at}.subject", f"{subject!r} has words this model's vocabulary lacks (they become {tok.unk_token!r})"))
         return None
-    prompts, tid = [], None
+    prompts = []
     for i, text in enumerate(texts):
         try:
             prompts.append(encode(tok, text, causal, subject))
@@ -139,13 +144,21 @@ def fact(tok, causal, subject, target, texts, where, problems, relation: str = "
             problems.append((f"{where}[{i}]", str(e)))
     if len(prompts) < len(texts):
         return None
+    ids = None
     try:
         for p in prompts:
-            tid = target_id(tok, p, target, causal)
+            got = target_ids(tok, p, target, causal)
+            if ids is not None and got != ids:
+                raise PromptError(differs(tok, target, ids, got))
+            ids = got
     except PromptError as e:
         problems.append((f"{at}.target", str(e)))
         return None
-    return Fact(subject, target, tid, prompts, relation)
+    return Fact(subject, target, ids, prompts, relation)
+
+
+def differs(tok, target: str, first, got) -> str:
+    return f"{target!r} tokenizes as {pieces(tok, got)} here but as {pieces(tok, first)} in the first prompt"
 
 
 def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tuple[list[Edit], str | None]:
@@ -163,10 +176,13 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
             main = fact(
                 tok, causal, u.subject or "", u.target, u.fact_prompts(), f"{base}.{field_name}", problems, u.relation, base
             )
-            new_id = None
+            new_ids = None
             if main is not None:
                 try:
-                    new_id = target_id(tok, main.prompts[0], u.new_target, causal)
+                    new_ids = target_ids(tok, main.prompts[0], u.new_target, causal)
+                    for p in main.prompts[1:]:
+                        if (got := target_ids(tok, p, u.new_target, causal)) != new_ids:
+                            raise PromptError(differs(tok, u.new_target, new_ids, got))
                 except PromptError as e:
                     problems.append((f"{base}.new_target", str(e)))
             others = [
@@ -191,7 +207,7 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
                     base,
                     [main, *others],
                     u.new_target,
-                    new_id,
+                    new_ids,
                     skipped[k],
                     held_out=spec.verify.held_out,
                 )
@@ -236,6 +252,22 @@ def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tupl
     if problems:
         raise SpecError(file, problems)
     return out, None if used is None else str(used)
+
+
+def tokenized(batch: Batch) -> list[str]:
+    """How each edit's targets tokenize, one line per edit (the tokens of a multi-token one listed)."""
+
+    def show(text, ids):
+        return f"{text!r} ({len(ids)} tokens: {pieces(batch.tok, ids)})" if len(ids) > 1 else f"{text!r} (1 token)"
+
+    out = []
+    for e in batch.edits:
+        if e.kind == "update":
+            out.append(f"{e.where}: {show(e.fact.target, e.fact.target_ids)} -> {show(e.new_target, e.new_ids)}")
+        else:
+            multi = [show(f.target, f.target_ids) for f in e.facts if len(f.target_ids) > 1]
+            out.append(f"{e.where}: {len(e.facts)} facts" + (f", multi-token targets: {', '.join(multi)}" if multi else ""))
+    return out
 
 
 def facts_of_verify(spec: Spec, tok, causal, file="<spec>") -> list[tuple[str, Fact]]:

@@ -6,7 +6,8 @@ as `trex/P*.jsonl` (`{"sub_label", "obj_label"}`) or as one JSON file
 
 Edits with `source: pararel` become ordinary Update / Erase edits, so the rest of the pipeline
 does not know where they came from. Templates the model cannot use (for a causal model, [Y]
-not at the end) and facts whose target is not one token are skipped and counted.
+not at the end) and facts whose target the tokenizer cannot read (an unknown token, or other tokens
+in different prompts) are skipped and counted; targets of several tokens are kept.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..spec import EditSpec, Erase, Spec, SpecError, Update, _check_templates
-from .prompts import PromptError, causal_ok, encode, target_id, unknown
+from .prompts import PromptError, causal_ok, encode, target_ids, unknown
 
 ENV = "KN_EDIT_PARAREL"
 PAIRS = ("query_pairs.json", "authors/query_pairs.json")
@@ -99,22 +100,20 @@ def usable_templates(all_templates: list[str], causal: bool) -> list[str]:
     return [t for t in all_templates if not _check_templates([t], True) and (not causal or causal_ok(t))]
 
 
-def single_token(tok, causal: bool, temps: list[str], subject: str, target: str) -> bool:
-    """Whether target is one token at the answer position of every prompt of the fact (and the
-    subject has no unknown words)."""
+def tokenizes(tok, causal: bool, temps: list[str], subject: str, target: str) -> bool:
+    """Whether target is the same tokens (one or more, none unknown) at the answer position of every
+    prompt of the fact."""
     if unknown(tok, subject):
         return False
     try:
-        for t in temps:
-            target_id(tok, encode(tok, t.replace("[X]", subject), causal), target, causal)
+        return len({target_ids(tok, encode(tok, t.replace("[X]", subject), causal), target, causal) for t in temps}) == 1
     except PromptError:
         return False
-    return True
 
 
 def usable(tok, causal: bool, all_templates: list[str], all_facts: list[tuple[str, str]]) -> Usable:
     temps = usable_templates(all_templates, causal)
-    ok = [(s, o) for s, o in all_facts if temps and single_token(tok, causal, temps, s, o)]
+    ok = [(s, o) for s, o in all_facts if temps and tokenizes(tok, causal, temps, s, o)]
     return Usable(temps, ok, len(all_templates) - len(temps), len(all_facts) - len(ok))
 
 
@@ -157,7 +156,7 @@ def _expand_erase(e: Erase, d, tok, causal, file, where) -> tuple[Erase, dict]:
     if not use.templates:
         raise SpecError(file, [(f"{where}.relation", f"none of the templates of {e.relation} is usable by this model")])
     if not use.facts:
-        raise SpecError(file, [(f"{where}.relation", f"no fact of {e.relation} has a single-token target for this model")])
+        raise SpecError(file, [(f"{where}.relation", f"no fact of {e.relation} has a target this model's tokenizer can read")])
     chosen = use.facts[: e.facts] if isinstance(e.facts, int) else use.facts
     return Erase(
         relation=e.relation, templates=use.templates, facts=[{"subject": s, "target": o} for s, o in chosen]
@@ -188,13 +187,14 @@ def expand(spec: Spec, tok, causal: bool, cli_dir=None, file="<spec>") -> tuple[
 
 
 def known(model, tok, causal: bool, temps: list[str], subject: str, target: str, need: float = 0.5) -> bool:
-    """Whether the model's top-1 answer is the target on more than `need` of the fact's prompts."""
-    from ..measure.predict import predict
+    """Whether the model's answer is the target on more than `need` of the fact's prompts (the
+    greedy continuation starts with it; a masked LM: its top tokens at as many masks)."""
+    from ..measure.predict import starts
 
     hits, misses = 0, 0
     for t in temps:
         p = encode(tok, t.replace("[X]", subject), causal, subject)
-        if int(predict(model, p).argmax()) == target_id(tok, p, target, causal):
+        if starts(model, p, target_ids(tok, p, target, causal)):
             hits += 1
         else:
             misses += 1
@@ -203,9 +203,9 @@ def known(model, tok, causal: bool, temps: list[str], subject: str, target: str,
     return hits > need * len(temps)
 
 
-def pick(model, tok, causal: bool, use: Usable, n: int, seed: int = 0, need: float = 0.5) -> list[dict]:
-    """Up to n facts the model knows, in data order, each with a new target drawn (seeded) from
-    the relation's other single-token objects."""
+def pick(model, tok, causal: bool, use: Usable, n: int, seed: int = 0, need: float = 0.5, min_tokens: int = 1) -> list[dict]:
+    """Up to n facts the model knows whose answer has at least min_tokens tokens, in data order, each
+    with a new target drawn (seeded) from the relation's other objects."""
     import random
 
     rng = random.Random(seed)
@@ -215,6 +215,11 @@ def pick(model, tok, causal: bool, use: Usable, n: int, seed: int = 0, need: flo
         if len(out) == n:
             break
         others = [x for x in objects if x != o]
+        if (
+            min_tokens > 1
+            and len(target_ids(tok, encode(tok, use.templates[0].replace("[X]", s), causal), o, causal)) < min_tokens
+        ):
+            continue
         if others and known(model, tok, causal, use.templates, s, o, need):
             out.append({"subject": s, "target": o, "new_target": rng.choice(others)})
     return out
