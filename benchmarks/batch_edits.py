@@ -42,25 +42,22 @@ from kn_edit.plan.prompts import encode, target_id
 from kn_edit.spec import Spec
 
 # relations tried in this order (SmolLM2 knows few facts of most PARAREL relations): the first 8 with at least 11
-# known facts are edited (3 given as relation_facts, 6 measured as neighbours, up to 20 edited), the next 2 with at
-# least 3 measure "other relations"
+# known facts are edited (3 given as relation_facts, 6 measured as neighbours, up to 20 edited), up to 6 more
+# with at least 3 measure "other relations"
 RELATIONS = ["P36", "P103", "P1412", "P176", "P178", "P279", "P1376", "P159", "P27", "P17", "P131", "P30", "P101",
              "P106", "P463", "P361", "P19", "P20", "P413", "P449", "P47", "P527", "P530", "P108", "P136", "P39", "P264"]  # fmt: skip
-N_EDITED, N_OTHER = 8, 6
+N_EDITED, N_OTHER = 8, 6  # (4 relations have >= 3 known facts)
 PER_REL = {"edits": 20, "keep": 3, "neighbours": 6}
 RULES = {
-    "solve": {},
+    "solve": {},  # the default: neurons chosen at the subject
+    "score": {"solve": {"select": "score"}},  # the solve's previous default: located neurons by attribution score
     "specific": {"solve": {"select": "specific"}},
-    "subject": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.6}},
-    "subject30": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.6, "neurons": 30}},
-    "subject5": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.6, "neurons": 5}},
-    "subject-early": {"solve": {"select": "subject", "min_layer": 0.1, "max_layer": 0.35}},
-    "subject-mid": {"solve": {"select": "subject", "min_layer": 0.3, "max_layer": 0.6}},
     # variants of the solve, for choosing its defaults
-    "margin1": {"solve": {"margin": 1.0}},
+    "neurons5": {"solve": {"neurons": 5}},
     "neurons30": {"solve": {"neurons": 30}},
+    "margin1": {"solve": {"margin": 1.0}},
     "keep30": {"solve": {"keep": 30, "text": 30}},
-    "all-layers": {"solve": {"min_layer": 0.0}},
+    "all-layers": {"solve": {"min_layer": 0.0, "max_layer": 1.0}},
     "paper": {"update": {"rule": "authors", "sign_aware": False, "scale": "fixed", "norm_cap": None}},
     "plain": {"update": {"rule": "plain"}},
 }

@@ -18,7 +18,7 @@ import torch
 from . import progress
 from . import spec as specmod
 from .apply import preserve
-from .apply.choose import choose
+from .apply.choose import choose, selection
 from .apply.rules import Snapshot
 from .apply.write import apply
 from .errors import CheckpointChanged, ModelError
@@ -100,7 +100,8 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     store = Cache(cache_dir, loaded.source.identity, options.dtype) if cache_dir is not None else None
 
     locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
-    others = [preserve.same_relation(batch, e, seed=seed) for e in batch.edits] if method.solve.select != "score" else None
+    select = selection(model, method.solve)
+    others = [preserve.same_relation(batch, e, seed=seed) for e in batch.edits] if select != "score" else None
     batch.warnings += choose(model, batch.edits, method, others)
     undo = None
 

@@ -121,16 +121,17 @@ class EraseMethod(_Strict):
 class Solve(_Strict):
     """The batch solve (update / erase rule `solve`, kn_edit/apply/solve.py)."""
 
-    neurons: int = Field(10, ge=1, le=1000, description="per fact: its highest-scoring located (coarse) neurons")
+    neurons: int = Field(10, ge=1, le=1000, description="per fact: how many value slots it may write (see select)")
     min_layer: float | None = Field(
         None, ge=0, lt=1, description="only neurons in layers >= min_layer x the number of layers (default: by select)"
     )
     max_layer: float | None = Field(None, gt=0, le=1, description="... and < max_layer x the number of layers")
-    select: Literal["score", "specific", "subject"] = Field(
-        "score",
-        description="score: by attribution score; specific: score x how much more the neuron fires for the fact "
-        "than for other subjects of its relation; subject: by how strongly and specifically it fires at the "
-        "subject's last token",
+    select: Literal["auto", "subject", "score", "specific"] = Field(
+        "auto",
+        description="subject: by how strongly and specifically the neuron fires at the subject's last token (layers "
+        "0.1-0.6 of the depth unless min_layer/max_layer say otherwise); score: by attribution score at the answer "
+        "(upper half); specific: score x how much more it fires there for the fact than for other subjects; "
+        "auto: subject for causal LMs, score for masked LMs",
     )
     steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")
     lr: float = Field(

@@ -76,26 +76,46 @@ def top_of(score: torch.Tensor, n: int, layers: range) -> list:
 FEW_PROMPTS = 3  # a fact located on fewer prompts has nothing to refine its neurons against
 
 
-def _activations(model, prompts, at_subject: bool) -> torch.Tensor:
-    """[prompts, L, I] at the answer position, or at the subject's last token (prompts without one left out)."""
+def _activations(model, prompts, at_subject: bool, memo: dict | None = None) -> torch.Tensor:
+    """[prompts, L, I] at the answer position, or at the subject's last token (prompts without one
+    left out). A causal LM's activations at a position depend on the tokens up to it only, so
+    they are kept in `memo` by that prefix (prompts of one template share their subjects')."""
+    causal = arch.arch_of(model).causal
     if at_subject:
         prompts = [replace(p, pos=p.subject) for p in prompts if p.subject is not None]
-    return torch.stack([clean_activations(model, p)[0] for p in prompts]) if prompts else torch.zeros(0)
+    memo = {} if memo is None else memo
+    out = []
+    for p in prompts:
+        key = p.ids[: p.pos + 1] if causal else (p.ids, p.pos)
+        if key not in memo:
+            memo[key] = clean_activations(model, replace(p, ids=p.ids[: p.pos + 1]) if causal else p)[0]
+        out.append(memo[key])
+    return torch.stack(out) if out else torch.zeros(0)
 
 
-def specificity(model, fact_prompts, other_prompts, at_subject: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def specificity(
+    model, fact_prompts, other_prompts, at_subject: bool = False, memo: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[L, I] a_f^2 / (a_f^2 + mean a_o^2), with a_f a neuron's mean activation on the fact's prompts
     and a_o its activation on prompts of the same relation about other subjects: near 1 for a
     neuron that fires for this subject only, near 0 for one that fires for the whole relation;
     and [L, I] |a_f|."""
-    a_f = _activations(model, fact_prompts, at_subject).mean(0)
-    a_o = _activations(model, other_prompts, at_subject)
+    a_f = _activations(model, fact_prompts, at_subject, memo).mean(0)
+    a_o = _activations(model, other_prompts, at_subject, memo)
     if not len(a_o):
         return torch.ones_like(a_f), a_f.abs()
     return a_f.pow(2) / (a_f.pow(2) + a_o.pow(2).mean(0) + 1e-12), a_f.abs()
 
 
 LAYERS = {"subject": (0.1, 0.6), "score": (0.5, 1.0), "specific": (0.5, 1.0)}  # the auto layer ranges
+
+
+def selection(model, solve) -> str:
+    """`solve.select` made concrete: auto is subject on causal LMs (measured on SmolLM2: more general and
+    more local than the answer position's located neurons), score on masked LMs (the paper's setting)."""
+    if solve.select != "auto":
+        return solve.select
+    return "subject" if arch.arch_of(model).causal else "score"
 
 
 def layer_range(model, solve, select: str) -> range:
@@ -113,7 +133,7 @@ def choose(model, edits, method, others=None) -> list[str]:
     """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method.
     others: per edit, prompts of its relation about other subjects (solve.select: specific).
     Returns warnings for the report."""
-    warnings = []
+    warnings, memo = [], {}
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
         for k, e in enumerate(edits):
             located_on = len(e.located_prompts) if e.kind == "update" else None
@@ -125,14 +145,14 @@ def choose(model, edits, method, others=None) -> list[str]:
             if solves(e, method):
                 facts = e.located[:1] if e.kind == "update" else e.located
                 n = method.solve.neurons * (1 if e.kind == "update" else 4)
-                select = method.solve.select if e.kind == "update" and others is not None else "score"
+                select = selection(model, method.solve) if e.kind == "update" and others is not None else "score"
                 if select == "subject" and not any(p.subject is not None for p in e.located_prompts):
                     warnings.append(f"edit {k + 1} ({e.fact.subject}): the subject is not in its prompts; its neurons "
                                     "are chosen by attribution score at the answer instead")  # fmt: skip
                     select = "score"
                 layers = layer_range(model, method.solve, select)
                 if select == "subject":
-                    spec, size = specificity(model, e.located_prompts, others[k], at_subject=True)
+                    spec, size = specificity(model, e.located_prompts, others[k], at_subject=True, memo=memo)
                     e.neurons = top_of(spec * size, n, layers)
                 else:
                     weight = specificity(model, e.located_prompts, others[k])[0] if select == "specific" else None

@@ -21,7 +21,7 @@ from ..apply import rules
 from ..apply.write import apply
 from ..locate import attribution
 from ..model import arch
-from ..plan.prompts import Prompt, answering
+from ..plan.prompts import Prompt, answering, as_ids
 from . import predict as prediction
 from .metrics import Seen, average, consistency, edit_metrics, mean, rel_change
 
@@ -76,7 +76,7 @@ def _by_layer(neurons) -> dict[int, list[int]]:
 
 
 @torch.no_grad()
-def scaled_p(model, prompt: Prompt, neurons, factor: float, target: tuple[int, ...]) -> float:
+def scaled_p(model, prompt: Prompt, neurons, factor: float, target) -> float:
     """p(target) with the neurons' activations at the answer position multiplied by factor."""
 
     def fn(idx):
@@ -87,6 +87,7 @@ def scaled_p(model, prompt: Prompt, neurons, factor: float, target: tuple[int, .
 
         return scale
 
+    target = as_ids(target)
     seq = len(answering(prompt, target, arch.arch_of(model).causal).ids)  # what the model reads
     with contextlib.ExitStack() as stack:
         for layer, idx in _by_layer(neurons).items():
