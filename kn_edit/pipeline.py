@@ -248,7 +248,9 @@ def check_files(folder: Path) -> None:
     for p in sorted(folder.rglob("*")):
         name = p.relative_to(folder).as_posix()
         if p.is_file() and name != checkpoint.MANIFEST and name not in files:
-            raise CheckpointChanged(f"{p}: not written by the build (not in {checkpoint.MANIFEST})")
+            raise CheckpointChanged(
+                f"{p}: not written by the build (not in {checkpoint.MANIFEST}; keep other files outside the checkpoint)"
+            )
 
 
 def check_untouched(folder: Path, base, changed: set[str]) -> None:
