@@ -115,11 +115,7 @@ def test_corrupt_entry_is_detected_and_recomputed(world, llama_dir, write_spec, 
     victim.write_text(json.dumps(doc))
     truncated.write_bytes(truncated.read_bytes()[:100])
 
-    calls["scores"] = 0
-    with caplog.at_level(logging.WARNING, logger="kn_edit.cache"):
-        again = build(spec, tmp_path / "b", cache=cache_dir)
-    assert calls["scores"] == 2 * PROMPTS
-    assert sum("corrupt neuron cache entry" in r.message for r in caplog.records) == 2
+    again = _rebuilt_warning_twice(calls, caplog, spec, tmp_path / "b", cache_dir)
     assert again == good
     assert json.loads(victim.read_text())["located"]["score"][0] == [l, i, v]
 
@@ -228,11 +224,7 @@ def test_unusable_entries_are_misses_warned_and_overwritten(world, llama_dir, wr
     doc["checksum"] = cachemod._digest(body)  # a valid checksum: only the model's shape tells
     impossible.write_text(json.dumps(doc))
 
-    calls["scores"] = 0
-    with caplog.at_level(logging.WARNING, logger="kn_edit.cache"):
-        again = build(spec, tmp_path / "b", cache=cache_dir)
-    assert calls["scores"] == 2 * PROMPTS
-    assert sum("corrupt neuron cache entry" in r.message for r in caplog.records) == 2
+    again = _rebuilt_warning_twice(calls, caplog, spec, tmp_path / "b", cache_dir)
     assert again == good
     assert json.loads(impossible.read_text())["located"] == json.loads(kept)["located"]
     assert json.loads(nested.read_text())["format"] == cachemod.FORMAT
@@ -262,3 +254,13 @@ def test_a_full_disk_under_the_cache_is_a_warning(world, llama_dir, write_spec, 
         got = build(spec, tmp_path / "a", cache=tmp_path / "cache")
     assert got == build(spec, tmp_path / "b")
     assert sum("No space left on device" in r.message for r in caplog.records) >= FACTS
+
+
+def _rebuilt_warning_twice(calls, caplog, spec, out, cache_dir):
+    """A build over a cache with two damaged entries: both recomputed, both warned about."""
+    calls["scores"] = 0
+    with caplog.at_level(logging.WARNING, logger="kn_edit.cache"):
+        again = build(spec, out, cache=cache_dir)
+    assert calls["scores"] == 2 * PROMPTS
+    assert sum("corrupt neuron cache entry" in r.message for r in caplog.records) == 2
+    return again
