@@ -49,15 +49,14 @@ def _filled(batch, templates, subjects) -> list:
     return out
 
 
-def same_relation(batch, e, n: int | None = 8, templates: int = 2, seed: int = 0) -> list:
-    """Prompts of edit e's relation about other subjects: its relation_facts, then its first
-    `templates` templates filled with `n` common subjects (all when None): what its neurons
-    should not fire for."""
+def same_relation(batch, e, n: int = 8, seed: int = 0) -> list:
+    """Prompts of edit e's relation about other subjects: its relation_facts, then its templates
+    filled with common subjects (what its neurons should not fire for)."""
     subjects = _subjects(_avoid(batch))
-    picked = random.Random(f"kn-edit-same:{seed}").sample(subjects, min(n or len(subjects), len(subjects)))
+    picked = random.Random(f"kn-edit-same:{seed}").sample(subjects, min(n, len(subjects)))
     out = [p for f in e.facts[1:] for p in f.prompts]
     for s in picked:
-        out += _filled(batch, _templates(e)[:templates], [s])
+        out += _filled(batch, _templates(e)[:2], [s])
     return out
 
 
