@@ -2,8 +2,6 @@
 
 import json
 import logging
-import os
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -179,23 +177,6 @@ def test_cli_locate_shards_then_build(world, llama_dir, write_spec, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner(env={"RANK": "1", "WORLD_SIZE": "3"}).invoke(main, ["locate", str(spec), "--cache", str(cache_dir)])
     assert r.exit_code == 0 and "shard 1/3 on cpu: 3 of 10 facts, 0 computed, 3 already cached" in r.output
-
-
-def test_ray_executor_local(world, llama_dir, write_spec, tmp_path, calls):
-    ray = pytest.importorskip("ray")
-    spec = write_spec(spec_data(world, llama_dir))
-    cache_dir = tmp_path / "cache"
-    path = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    try:
-        r = CliRunner().invoke(main, ["locate", str(spec), "--executor", "ray", "--workers", "2", "--cache", str(cache_dir)])
-    finally:
-        ray.shutdown()
-    assert r.exit_code == 0, r.output
-    assert "shard 0/2 on cpu: 5 of 10 facts, 5 computed" in r.output and "shard 1/2 on cpu: 5 of 10 facts, 5 computed" in r.output
-    calls["scores"] = 0
-    build(spec, tmp_path / "out", cache=cache_dir)
-    assert calls["scores"] == 0
 
 
 def test_locate_keys_facts_as_build_does_with_held_out_prompts(world, llama_dir, write_spec, tmp_path, calls):
