@@ -142,16 +142,16 @@ def test_interrupted_run_resumes(world, llama_dir, write_spec, tmp_path, calls, 
     assert resumed == build(spec, tmp_path / "plain")
 
 
-def test_key_covers_model_prompts_and_dtype(world, llama_dir, write_spec):
+def test_key_covers_model_prompts_and_dtype(world, llama_dir, write_spec, tmp_path):
     prep = prepare(write_spec(spec_data(world, llama_dir)))
     method = prep.spec.method.locate
     f, g = prep.edits[0].facts[:2]
-    a = cachemod.Cache("x", {"kind": "folder", "sha256": {"model.safetensors": "0" * 64}})
-    b = cachemod.Cache("x", {"kind": "folder", "sha256": {"model.safetensors": "1" * 64}})
+    a = cachemod.Cache(tmp_path / "x", {"kind": "folder", "sha256": {"model.safetensors": "0" * 64}})
+    b = cachemod.Cache(tmp_path / "x", {"kind": "folder", "sha256": {"model.safetensors": "1" * 64}})
     assert a.key(f, method) != b.key(f, method)
     assert a.key(f, method) != a.key(g, method)
-    assert a.key(f, method) != cachemod.Cache("x", a.identity, "bfloat16").key(f, method)
-    assert a.key(f, method) == cachemod.Cache("y", dict(a.identity), "fp32").key(f, method)
+    assert a.key(f, method) != cachemod.Cache(tmp_path / "x", a.identity, "bfloat16").key(f, method)
+    assert a.key(f, method) == cachemod.Cache(tmp_path / "y", dict(a.identity), "fp32").key(f, method)
 
 
 def test_parse_shard():
