@@ -156,12 +156,12 @@ def test_key_covers_model_prompts_and_dtype(world, llama_dir, write_spec):
     assert a.key(f, method) == cachemod.Cache("y", dict(a.identity), "fp32").key(f, method)
 
 
-def test_a_default_rule_keeps_the_keys_other_rules_change_them(world, llama_dir, write_spec):
+def test_a_default_rule_keeps_the_keys_other_rules_change_them(world, llama_dir, write_spec, tmp_path):
     """Entries written before quadrature rules existed keep their keys: the default rule stays out."""
     prep = prepare(write_spec(spec_data(world, llama_dir)))
     method = prep.spec.method.locate
     f = prep.edits[0].facts[0]
-    a = cachemod.Cache("x", {"kind": "folder", "sha256": {"model.safetensors": "0" * 64}})
+    a = cachemod.Cache(tmp_path / "x", {"kind": "folder", "sha256": {"model.safetensors": "0" * 64}})
     assert method.rule == "riemann"
     assert cachemod.inputs(a.identity, f, method, "float32")["method"] == {"steps": STEPS, "threshold": 0.2, "engine": "fast"}
     keys = {r: a.key(f, method.model_copy(update={"rule": r})) for r in attribution.QUADRATURE}
