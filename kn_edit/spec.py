@@ -44,11 +44,24 @@ class Locate(_Strict):
     """Integrated gradients and the per-prompt (coarse) neuron sets. Everything here decides the
     located neurons, so the neuron cache is keyed by this section."""
 
-    steps: int = Field(20, ge=1, le=1000, description="Riemann steps m of integrated gradients (alpha = k/m, k = 0..m-1)")
+    steps: int = Field(
+        20, ge=1, le=1000, description="gradient evaluations m of integrated gradients (riemann: alpha = k/m, k = 0..m-1)"
+    )
     threshold: float = Field(
         0.2, gt=0, le=1, description="per prompt, keep neurons scoring >= threshold x the prompt's max score"
     )
     engine: Literal["fast", "reference"] = Field("fast", description="attribution engine; both give the same numbers")
+    rule: Literal["riemann", "midpoint", "trapezoid", "gauss"] = Field(
+        "riemann",
+        description="quadrature of the integrated-gradients integral with `steps` evaluations: riemann (the paper's left "
+        "Riemann sum), midpoint, trapezoid (steps >= 2) or gauss (Gauss-Legendre)",
+    )
+
+    @model_validator(mode="after")
+    def _rule_steps(self):
+        if self.rule == "trapezoid" and self.steps < 2:
+            raise ValueError("rule trapezoid needs steps >= 2 (both end points are evaluated)")
+        return self
 
 
 class Refine(_Strict):

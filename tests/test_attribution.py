@@ -1,6 +1,8 @@
 """The fast engine against the reference engine and against a plain per-step loop of the
-paper's formula, on tiny random models of every architecture family arch.py supports."""
+paper's formula, on tiny random models of every architecture family arch.py supports; every
+quadrature rule of the integral, and the default (the paper's left Riemann sum) unchanged bit for bit."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
@@ -38,7 +40,19 @@ def prompt(kind, seed=1):
     return Prompt("x", tuple(ids), pos)
 
 
-def plain(model, p, target, steps):
+def nodes(rule, m):
+    """Points and weights of each rule on [0, 1], written out from the textbook formulas."""
+    if rule == "riemann":  # the paper's: left end points
+        return [k / m for k in range(m)], [1 / m] * m
+    if rule == "midpoint":
+        return [(k + 0.5) / m for k in range(m)], [1 / m] * m
+    if rule == "trapezoid":
+        return [k / (m - 1) for k in range(m)], [(0.5 if k in (0, m - 1) else 1) / (m - 1) for k in range(m)]
+    x, w = np.polynomial.legendre.leggauss(m)
+    return list((x + 1) / 2), list(w / 2)
+
+
+def plain(model, p, target, steps, rule="riemann"):
     """The formula with nothing shared: one forward and backward per (layer, step). target: a token,
     or a k-token answer: the product of its tokens' probabilities at positions pos .. pos + k - 1 of
     the prompt with the answer appended (causal) or k masks (masked), scaling at pos alone."""
@@ -47,9 +61,10 @@ def plain(model, p, target, steps):
     acts, _ = attribution.clean_activations(model, p)
     ids = torch.tensor([p.ids])
     out = torch.zeros_like(acts)
+    alphas, weights = nodes(rule, steps)
     for l in range(acts.shape[0]):
-        for k in range(steps):
-            x = (k / steps * acts[l]).requires_grad_(True)
+        for alpha, w in zip(alphas, weights):
+            x = (float(alpha) * acts[l]).requires_grad_(True)
 
             def put(mod, args):
                 a = args[0].clone()
@@ -65,32 +80,34 @@ def plain(model, p, target, steps):
             finally:
                 h.remove()
             (g,) = torch.autograd.grad(prob, x)
-            out[l] += g
-        out[l] *= acts[l] / steps
+            out[l] += float(w) * g
+        out[l] *= acts[l]
     return out
 
 
+@pytest.mark.parametrize("rule", attribution.QUADRATURE)
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_fast_equals_reference_with_sdpa_attention(kind):
+def test_fast_equals_reference_with_sdpa_attention(kind, rule):
     """The attention that models load with by default (the fast engine picks its own kernel)."""
     model = tiny(kind, "sdpa")
     p = prompt(kind, 3)
-    same(attribution.fast(model, p, 11, steps=8), attribution.reference(model, p, 11, steps=8))
+    same(attribution.fast(model, p, 11, steps=8, rule=rule), attribution.reference(model, p, 11, steps=8, rule=rule))
 
 
 def same(a, b):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 
 
+@pytest.mark.parametrize("rule", attribution.QUADRATURE)
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_fast_equals_reference(kind):
+def test_fast_equals_reference(kind, rule):
     model = tiny(kind)
     assert arch.arch_of(model).name == kind
     for seed in (1, 2):
         p = prompt(kind, seed)
         target = 7 + seed
-        ref = attribution.reference(model, p, target, steps=8)
-        fast = attribution.fast(model, p, target, steps=8)
+        ref = attribution.reference(model, p, target, steps=8, rule=rule)
+        fast = attribution.fast(model, p, target, steps=8, rule=rule)
         assert ref.abs().max() > 0
         same(fast, ref)
         assert coarse(fast, 0.2) == coarse(ref, 0.2)
@@ -127,6 +144,122 @@ def test_multi_token_fast_equals_reference_equals_plain(kind, attn):
             same(ref, plain(model, p, targets, steps=4))
         # the answer's later tokens count: not the first token's attribution
         assert not torch.allclose(ref, attribution.reference(model, p, targets[0], steps=4))
+
+
+@pytest.mark.parametrize("rule", [r for r in attribution.QUADRATURE if r != "riemann"])
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_rules_fast_equals_reference_equals_plain(kind, rule):
+    """Each rule: the reference against the plain loop of its formula, the fast engine (one group, and
+    one layer per group) against the reference, for a 1- and a 2-token answer."""
+    model = tiny(kind)
+    p = prompt(kind, 2)
+    for target in (9, (9, 4)):
+        ref = attribution.reference(model, p, target, steps=5, rule=rule)
+        assert ref.abs().max() > 0
+        same(ref, plain(model, p, target, steps=5, rule=rule))
+        same(attribution.fast(model, p, target, steps=5, rule=rule), ref)
+        same(attribution.fast(model, p, target, steps=5, rule=rule, max_rows=5), ref)
+        # not the paper's sum under another name
+        assert (ref - attribution.reference(model, p, target, steps=5)).norm() > 1e-4 * ref.norm()
+
+
+def old_reference(model, prompt, target, steps=20):
+    """attribution.reference as it was before quadrature rules (verbatim but for the names)."""
+    targets = attribution.as_ids(target)
+    prompt = answering(prompt, targets, arch.arch_of(model).causal)
+    acts, _ = attribution.clean_activations(model, prompt)
+    ids = torch.tensor([prompt.ids], device=model.device).expand(steps, -1)
+    alphas = torch.arange(steps, device=model.device, dtype=torch.float32) / steps
+    scores = torch.zeros_like(acts)
+    for l in range(acts.shape[0]):
+        scaled = (alphas[:, None] * acts[l][None]).requires_grad_(True)
+        with attribution.patched(model, l, lambda x: attribution._replace_at(x, 0, prompt.pos, scaled), len(prompt.ids)):
+            p = attribution.answer_prob(model(ids).logits, prompt.pos, targets)
+        (grad,) = torch.autograd.grad(p.sum(), scaled)
+        scores[l] = grad.sum(0) * acts[l] / steps
+    return scores
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_default_rule_is_the_papers_bit_for_bit(kind, monkeypatch):
+    """The default (riemann) computes what the code did before the rules existed, bit for bit: the
+    reference against a verbatim copy of its old self; the fast engine's alphas k/m and its sum
+    act * sum_k grad_k / m, as the old code formed them, on the gradients it computed."""
+    model = tiny(kind)
+    p = prompt(kind)
+    old = old_reference(model, p, (9, 4), steps=7)
+    assert torch.equal(attribution.reference(model, p, (9, 4), steps=7), old)
+    assert torch.equal(attribution.reference(model, p, (9, 4), steps=7, rule="riemann"), old)
+    assert torch.equal(attribution.scores(model, p, (9, 4), 7, "reference"), old)
+
+    seen = []
+    real = attribution._group_grads
+
+    def recorded(model, a, layers, taps, inputs, acts, answer_pos, targets, alphas, dtype):
+        grads = real(model, a, layers, taps, inputs, acts, answer_pos, targets, alphas, dtype)
+        seen.append((acts, alphas, grads))
+        return grads
+
+    monkeypatch.setattr(attribution, "_group_grads", recorded)
+    for dtype in (None, torch.bfloat16):
+        seen.clear()
+        got = attribution.fast(model, p, 9, steps=7, dtype=dtype, max_rows=7 * 3 + 7 * 2)  # layers 0-1, then 2
+        assert len(seen) == 2
+        acts = seen[0][0]
+        for _, alphas, _ in seen:
+            assert torch.equal(alphas, torch.arange(7, dtype=torch.float32) / 7)
+        grads = [g for _, _, gs in seen for g in gs]
+        assert torch.equal(got, torch.stack([g.float().sum(0) * acts[l] / 7 for l, g in enumerate(grads)]))
+        assert torch.equal(attribution.scores(model, p, 9, 7, "fast", dtype), attribution.fast(model, p, 9, 7, dtype))
+
+
+def test_quadrature_rules():
+    """Points in [0, 1], weights summing to 1, and each rule exact where its theory says."""
+    integral = lambda rule, m, f: sum(w * f(a) for a, w in zip(*map(lambda t: t.double().tolist(), weighted(rule, m))))
+    for rule in attribution.QUADRATURE:
+        for m in (2, 3, 8):
+            a, w = weighted(rule, m)
+            assert a.shape == w.shape == (m,) and a.dtype == w.dtype == torch.float32
+            assert 0 <= float(a.min()) and float(a.max()) <= 1
+            assert abs(float(w.double().sum()) - 1) < 1e-6
+            ref_a, ref_w = nodes(rule, m)
+            torch.testing.assert_close(a, torch.tensor(ref_a, dtype=torch.float32))
+            torch.testing.assert_close(w, torch.tensor(ref_w, dtype=torch.float32))
+    assert abs(integral("riemann", 4, lambda x: x) - 3 / 8) < 1e-6  # left sum: low by h/2
+    for rule in ("midpoint", "trapezoid"):
+        assert abs(integral(rule, 5, lambda x: 3 * x + 1) - 2.5) < 1e-6
+    assert abs(integral("gauss", 4, lambda x: 8 * x**7) - 1) < 1e-6  # degree 2m - 1
+    assert abs(integral("gauss", 4, lambda x: 9 * x**8) - 1) > 1e-6
+    with pytest.raises(ValueError, match="steps >= 2"):
+        attribution.quadrature("trapezoid", 1)
+    with pytest.raises(ValueError, match="unknown quadrature rule"):
+        attribution.quadrature("simpson", 4)
+
+
+def weighted(rule, m):
+    a, w = attribution.quadrature(rule, m)
+    return a, torch.full((m,), 1 / m) if w is None else w
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_rules_converge_to_the_integral(kind):
+    """Against the integral (Gauss-Legendre, m = 48, checked against an independent 512-step Riemann
+    sum), each rule's error falls with m at its order: O(1/m) for the paper's left sum, O(1/m^2) for
+    midpoint and trapezoid, Gauss-Legendre at float32 precision from m = 4; and midpoint at m = 4
+    is closer than the paper's m = 20."""
+    model = tiny(kind)
+    p = prompt(kind, 2)
+    exact = attribution.fast(model, p, 9, steps=48, rule="gauss")
+    err = lambda rule, m: float((attribution.fast(model, p, 9, steps=m, rule=rule) - exact).norm() / exact.norm())
+    assert err("riemann", 512) < 1e-4
+    r = [err("riemann", m) for m in (4, 8, 16)]
+    assert 0.4 < r[1] / r[0] < 0.6 and 0.4 < r[2] / r[1] < 0.6  # halves when m doubles
+    for rule, m1, m2 in (("midpoint", 2, 4), ("trapezoid", 2, 4)):
+        h1, h2 = (1 / m1, 1 / m2) if rule == "midpoint" else (1 / (m1 - 1), 1 / (m2 - 1))
+        assert err(rule, m2) < 1.5 * (h2 / h1) ** 2 * err(rule, m1)
+        assert err(rule, m2) < err(rule, m1) < r[0]
+    assert err("gauss", 4) < 1e-5
+    assert err("midpoint", 4) < err("riemann", 20)
 
 
 def test_one_token_answer_is_the_token():

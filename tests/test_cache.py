@@ -154,6 +154,37 @@ def test_key_covers_model_prompts_and_dtype(world, llama_dir, write_spec, tmp_pa
     assert a.key(f, method) == cachemod.Cache(tmp_path / "y", dict(a.identity), "fp32").key(f, method)
 
 
+def test_a_default_rule_keeps_the_keys_other_rules_change_them(world, llama_dir, write_spec, tmp_path):
+    """Entries written before quadrature rules existed keep their keys: the default rule stays out."""
+    prep = prepare(write_spec(spec_data(world, llama_dir)))
+    method = prep.spec.method.locate
+    f = prep.edits[0].facts[0]
+    a = cachemod.Cache(tmp_path / "x", {"kind": "folder", "sha256": {"model.safetensors": "0" * 64}})
+    assert method.rule == "riemann"
+    assert cachemod.inputs(a.identity, f, method, "float32")["method"] == {"steps": STEPS, "threshold": 0.2, "engine": "fast"}
+    keys = {r: a.key(f, method.model_copy(update={"rule": r})) for r in attribution.QUADRATURE}
+    assert keys["riemann"] == a.key(f, method)
+    assert len(set(keys.values())) == len(attribution.QUADRATURE)
+
+
+def test_the_rule_reaches_attribution(world, llama_dir, write_spec):
+    from kn_edit.locate.neurons import coarse
+    from kn_edit.locate.stage import locate_fact
+    from kn_edit.pipeline import load
+
+    prep = prepare(write_spec(spec_data(world, llama_dir, locate={"rule": "gauss"})))
+    method = prep.spec.method.locate
+    assert (method.rule, method.steps) == ("gauss", STEPS)
+    f = prep.edits[0].facts[0]
+    model = load(str(llama_dir), device="cpu").model
+    got = locate_fact(model, f, method)
+    mean = lambda rule: sum(attribution.fast(model, p, f.target_ids, STEPS, rule=rule) for p in f.prompts) / len(f.prompts)
+    gauss, paper = mean("gauss"), mean("riemann")
+    assert got.coarse == [coarse(attribution.fast(model, p, f.target_ids, STEPS, rule="gauss"), 0.2) for p in f.prompts]
+    assert got.score == pytest.approx({n: float(gauss[n]) for n in got.score}, rel=1e-5)
+    assert got.score != pytest.approx({n: float(paper[n]) for n in got.score}, rel=1e-3)
+
+
 def test_parse_shard():
     assert parse_shard("1/4", env={}) == (1, 4)
     assert parse_shard(None, env={}) == (0, 1)

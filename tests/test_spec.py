@@ -113,6 +113,8 @@ def test_method_nested_and_flat_forms_are_the_same():
         {"locate": {"steps": 8}, "update": {"rule": "plain", "norm_cap": None}, "erase": {"min_facts": 3}}
     )
     assert flat == nested and flat.locate.steps == 8 and flat.erase.min_facts == 3
+    assert flat.locate.rule == "riemann"  # the paper's left Riemann sum unless asked
+    assert Method.model_validate({"locate": {"rule": "gauss", "steps": 6}}).locate.rule == "gauss"
 
 
 @pytest.mark.parametrize(
@@ -123,6 +125,8 @@ def test_method_nested_and_flat_forms_are_the_same():
         ({"steps": 4, "locate": {"steps": 8}}, "method.steps", "given twice"),
         ({"update": {"scale_max": float("inf")}}, "method.update.scale_max", "finite number"),
         ({"refine": {"sharing": 1}}, "method.refine.sharing", "unknown key"),
+        ({"locate": {"rule": "simpson"}}, "method.locate.rule", "'riemann', 'midpoint', 'trapezoid' or 'gauss'"),
+        ({"locate": {"rule": "trapezoid", "steps": 1}}, "method.locate", "rule trapezoid needs steps >= 2"),
     ],
 )
 def test_method_errors_name_the_field_as_written(bert_dir, world, write_spec, method, where, expected):

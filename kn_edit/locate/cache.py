@@ -4,7 +4,9 @@ An entry holds what locate() returns for one fact (coarse sets per prompt, mean 
 activations, the prompts) - not the refined set, whose share is chosen later over a group.
 Its key is the sha256 of a canonical JSON of everything that determines that result: the
 model's identity (weights' hash or Hub commit), the encoded prompts, the target, the settings
-that affect location (steps, threshold, engine, compute dtype) and ATTRIBUTION_VERSION.
+that affect location (steps, threshold, engine, quadrature rule, compute dtype) and ATTRIBUTION_VERSION.
+Settings added after the first format leave the key unchanged at their default (`ADDED`), so entries
+written before them stay valid.
 The on-disk format is described in docs/cache.md.
 """
 
@@ -30,6 +32,8 @@ FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# method.locate settings added later -> the default at which they stay out of the key
+ADDED = {"rule": "riemann"}
 
 
 def default_dir() -> Path:
@@ -44,6 +48,12 @@ def _digest(obj) -> str:
     return hashlib.sha256(_canonical(obj)).hexdigest()
 
 
+def _method(method) -> dict:
+    """method (spec.Locate) as keyed: settings of ADDED left out at their default."""
+    d = method.model_dump(mode="json")
+    return {k: v for k, v in d.items() if k not in ADDED or v != ADDED[k]}
+
+
 def inputs(identity: dict, fact, method, dtype: str) -> dict:
     """Everything the located neurons of `fact` (a plan.batch.Fact) depend on; method: spec.Locate."""
     return {
@@ -54,7 +64,7 @@ def inputs(identity: dict, fact, method, dtype: str) -> dict:
         # one token as before (the keys of single-token facts unchanged), else the list
         "target_id": fact.target_ids[0] if len(fact.target_ids) == 1 else list(fact.target_ids),
         "prompts": [{"text": p.text, "ids": list(p.ids), "pos": p.pos} for p in fact.prompts],
-        "method": method.model_dump(mode="json"),
+        "method": _method(method),
         "dtype": _DTYPE_NAMES.get(dtype, dtype),
     }
 

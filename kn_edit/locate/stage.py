@@ -13,7 +13,7 @@ def locate_fact(model, fact, method, dtype=None, tick=lambda: None) -> Located:
     method: spec.Locate; tick() after each prompt."""
     sets, total, acts = [], None, None
     for p in fact.prompts:
-        s = attribution.scores(model, p, fact.target_ids, method.steps, method.engine, dtype)
+        s = attribution.scores(model, p, fact.target_ids, method.steps, method.engine, dtype, method.rule)
         a, _ = attribution.clean_activations(model, p)
         sets.append(coarse(s, method.threshold))
         total = s if total is None else total + s
