@@ -159,6 +159,13 @@ class Solve(_Strict):
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")
     l2: float = Field(0.01, ge=0, allow_inf_nan=False, description="weight of sum |d|^2 / |v|^2 over the changed slots")
+    spread: float = Field(
+        100.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="weight of the change of the FFN outputs on every position of the plain text and preservation "
+        "prompts, relative to their size (sum over layers of mean |a(x) D|^2 / mean |FFN(x)|^2)",
+    )
     sample: int = Field(32, ge=1, description="preservation prompts per step (and 2x as many text tokens)")
 
 

@@ -207,3 +207,39 @@ def test_subject_specificity_equals_a_plain_computation(llama_dir, world):
     torch.testing.assert_close(spec, a_f**2 / (a_f**2 + a_o + 1e-12))
     torch.testing.assert_close(size, a_f.abs())
     assert 0 <= float(spec.min()) < 0.1 < 0.5 < float(spec.max()) <= 1  # some neurons fire for this subject more than others
+
+
+def test_spread_equals_the_change_of_ffn_outputs_on_every_position(llama_dir, world):
+    """The spread term, d^T C d from second moments gathered once, equals sum over layers of
+    mean_x |FFN_edited(x) - FFN_base(x)|^2 / mean_x |FFN_base(x)|^2 read off the whole model with
+    each layer's changes written into W2."""
+    loaded = pipeline.load(str(llama_dir), device="cpu")
+    m, tok = loaded.model, loaded.tok
+    seqs = [tok(t.replace("[X]", s).replace("[Y]", o)).input_ids for s, o in world.facts["language"][:3] for t in world.templates("language")[:2]]  # fmt: skip
+    columns = [(1, 3), (1, 40), (2, 7), (3, 100), (3, 101)]
+    delta = S._Delta(m, columns)
+    gen = torch.Generator().manual_seed(0)
+    for d in delta.d.values():
+        d.data = torch.randn(d.shape, generator=gen) * 0.05
+    delta.moments(S._rows(m, seqs, [[0]] * len(seqs), 1, 1, True), 1)  # one row a sequence: no padding
+
+    def outputs():
+        seen = {l: [] for l in delta.d}
+        hooks = [arch.value_module(m, l).register_forward_hook(lambda mod, a, o, l=l: seen[l].append(o[0])) for l in delta.d]
+        with torch.no_grad():
+            for ids in seqs:
+                m(torch.tensor([ids]))
+        for h in hooks:
+            h.remove()
+        return {l: torch.cat(v) for l, v in seen.items()}
+
+    base, want = outputs(), 0.0
+    for l, d in delta.d.items():  # one layer at a time: the term is each layer's own change, at the base inputs
+        w = arch.value_slots(m, l)[delta.idx[l]].clone()
+        with torch.no_grad():
+            arch.value_slots(m, l)[delta.idx[l]] += d  # rows of W2 (value slots), as apply/rules.write does
+        edited = outputs()
+        with torch.no_grad():
+            arch.value_slots(m, l)[delta.idx[l]] = w
+        want += float((edited[l] - base[l]).pow(2).sum(-1).mean() / base[l].pow(2).sum(-1).mean())
+    assert float(delta.spread()) == pytest.approx(want, rel=1e-3)

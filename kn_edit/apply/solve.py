@@ -11,6 +11,9 @@ Objective, minimised with Adam (all edits at once):
   + keep * mean_prompts  KL(p_base || p)  at the answer position       preservation prompts keep their answers
   + text * mean_tokens   KL(p_base || p)                               plain text keeps its distribution
   + l2   * sum_j |d_j|^2 / |v_j|^2                                     small changes
+  + spread * sum_layers mean_x |sum_j a_j(x) d_j|^2 / mean_x |FFN(x)|^2  no change elsewhere
+                  (x: every position of the plain text and preservation prompts; the mean over
+                  them is d^T C d with C the slots' activation second moments, computed once)
 
 An edit prompt stops pulling once t' leads every other token by `margin` (log-probability); the
 solve stops when all do. A target of k tokens is read under teacher forcing (plan.prompts.answering):
@@ -62,6 +65,7 @@ class Settings:
     keep: float = 1.0
     text: float = 1.0
     l2: float = 0.01
+    spread: float = 0.0
     margin: float = 2.0  # log p(t') - max log p(other) that counts as done
     edit_sample: int = 128  # edit prompts per step, at most (drawn afresh each step; all of them when fewer)
     sample: int = 32  # preservation prompts per step (and as many text tokens x 2), drawn afresh each step
@@ -152,6 +156,32 @@ class _Delta:
     def l2(self):
         return sum(((d / self.norms[l][:, None]) ** 2).sum() for l, d in self.d.items())
 
+    @torch.no_grad()
+    def moments(self, rows: list[_Rows], layer: int) -> None:
+        """Per layer, over every position of `rows`: C = mean a a^T of the selected neurons'
+        activations [n, n], and mean |FFN(x)|^2 (for spread())."""
+        c = {l: 0 for l in self.d}
+        e, n = dict(c), dict(c)
+
+        def seen(l, m, args, out):
+            a = args[0].flatten(0, -2)[:, self.idx[l]].double()  # [positions, n]
+            c[l] = c[l] + a.T @ a
+            e[l] += float(out.double().pow(2).sum())
+            n[l] += a.shape[0]
+
+        hooks = [arch.value_module(self.model, l).register_forward_hook(lambda m, a, o, l=l: seen(l, m, a, o)) for l in self.d]
+        try:
+            for r in rows:
+                _logits(self.model, r, layer)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.c = {l: (c[l] / max(n[l], 1) / max(e[l] / max(n[l], 1), 1e-12)).float() for l in self.d}
+
+    def spread(self):
+        """sum over layers of mean_x |a(x) D|^2 / mean_x |FFN(x)|^2 on the rows given to moments()."""
+        return sum((d * (self.c[l] @ d)).sum() for l, d in self.d.items())
+
     def result(self) -> dict:
         return {(l, int(i)): self.d[l][k].detach().clone() for l in self.d for k, i in enumerate(self.idx[l].tolist())}
 
@@ -213,6 +243,8 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
     done = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # as last seen, per scored position
 
     delta = _Delta(model, columns)
+    if s.spread:
+        delta.moments(keep_rows + text_rows, layer)
     hidden = next(iter(delta.d.values())).shape[1]
     unit = float(torch.cat(list(delta.norms.values())).mean()) / math.sqrt(hidden)
     opt = torch.optim.Adam(list(delta.d.values()), lr=s.lr * unit)
@@ -238,7 +270,7 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
                     loss = weight * per * _kl(r.base, _logits(model, r, layer))
                     loss.backward()
                     total += float(loss.detach())
-            loss = s.l2 * delta.l2()
+            loss = s.l2 * delta.l2() + (s.spread * delta.spread() if s.spread else 0)
             loss.backward()
             opt.step()
             stats.loss.append(total + float(loss.detach()))
