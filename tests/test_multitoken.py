@@ -93,3 +93,23 @@ def test_answers_of_each_length(kind):
     probs = model(torch.tensor([q.ids])).logits[0].softmax(-1)
     want = float(probs[q.pos, t[0]] * probs[q.pos + 1, t[1]])
     assert predict.answer_prob(model, p, t) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_batched_answers_are_the_single_ones(kind):
+    """says_many / starts_many (batched, prompts of different lengths and k) give what says / starts
+    give one prompt at a time."""
+    from test_attribution import prompt, tiny
+
+    model = tiny(kind)
+    ps = [prompt(kind, seed) for seed in range(1, 6)]
+    if kind == "llama":  # different lengths, so the batches are padded
+        ps = [p if i % 2 else type(p)(p.text, p.ids[1:], p.pos - 1) for i, p in enumerate(ps)]
+    ks = [1, 2, 3, 2, 1]
+    got = predict.says_many(model, ps, ks, batch=2)
+    assert got == [predict.says(model, p, k) for p, k in zip(ps, ks, strict=True)]
+    assert predict.says_many(model, ps, 2) == [predict.says(model, p, 2) for p in ps]
+    targets = [got[0], got[1], (got[2][0], got[2][1], got[2][2] + 1), (got[3][0] + 1, got[3][1]), (7,)]
+    want = [predict.starts(model, p, t) for p, t in zip(ps, targets, strict=True)]
+    assert want[:4] == [True, True, False, False]
+    assert predict.starts_many(model, ps, targets, batch=2) == want

@@ -56,6 +56,42 @@ def says(model, prompt: Prompt, k: int, first: int | None = None) -> tuple[int, 
     return tuple(ids[len(prompt.ids) :])
 
 
+def says_many(model, prompts: list[Prompt], lengths, batch: int = 32) -> list[tuple[int, ...]]:
+    """`says` for many prompts (lengths: one k per prompt, or one k for all): a causal model's greedy
+    continuations decoded together, a token per step, in right-padded batches (`predict_many`)."""
+    ks = [lengths] * len(prompts) if isinstance(lengths, int) else list(lengths)
+    if not arch.arch_of(model).causal:
+        return [says(model, p, k) for p, k in zip(prompts, ks, strict=True)]
+    out = [[] for _ in prompts]
+    for step in range(max(ks, default=0)):
+        at = [i for i, k in enumerate(ks) if k > step]
+        grown = [_grown(prompts[i], out[i]) for i in at]
+        for i, x in zip(at, predict_many(model, grown, batch), strict=True):
+            out[i].append(int(x.argmax()))
+    return [tuple(x) for x in out]
+
+
+def starts_many(model, prompts: list[Prompt], targets, batch: int = 32) -> list[bool]:
+    """`starts` for many prompts, each with its target ids: a causal model's answers are checked a token
+    per step (teacher forcing, which is greedy decoding while the tokens so far agree), and a prompt
+    leaves once one differs, so a screen of many prompts costs little more than their first tokens."""
+    targets = [tuple(t) for t in targets]
+    if not arch.arch_of(model).causal:
+        return [starts(model, p, t) for p, t in zip(prompts, targets, strict=True)]
+    ok = [True] * len(prompts)
+    for step in range(max(map(len, targets), default=0)):
+        at = [i for i, t in enumerate(targets) if ok[i] and len(t) > step]
+        grown = [_grown(prompts[i], targets[i][:step]) for i in at]
+        for i, x in zip(at, predict_many(model, grown, batch), strict=True):
+            ok[i] = int(x.argmax()) == targets[i][step]
+    return ok
+
+
+def _grown(prompt: Prompt, ids) -> Prompt:
+    """A causal prompt with `ids` appended, its answer position the last one."""
+    return Prompt(prompt.text, prompt.ids + tuple(ids), prompt.pos + len(ids), prompt.subject)
+
+
 def answers(model, prompt: Prompt, lengths, top: int) -> dict[int, tuple[int, ...]]:
     """{k: the model's k-token answer} for k = 1 and each k of lengths; top: the top token at the
     answer position. A causal model's are the prefixes of one greedy continuation."""
