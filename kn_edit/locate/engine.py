@@ -105,9 +105,14 @@ def attention_masks(model, q: torch.Tensor, k: int, dtype) -> list | None:
 def cache_kwargs(model) -> dict:
     """For the clean pass of a causal LM: a cache keeping every position's keys and values (the
     model's own would keep only a sliding window's on such layers; the masks say what is seen)."""
+    import inspect
+
     from transformers import DynamicCache
 
-    return {"use_cache": True, "past_key_values": DynamicCache()} if arch.arch_of(model).causal else {"use_cache": False}
+    if not arch.arch_of(model).causal:
+        return {"use_cache": False}
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers >= 5.24: cache
+    return {"use_cache": True, name: DynamicCache()}
 
 
 def block_inputs(model, ids: torch.Tensor, out, k: int = 1) -> BlockInputs:
@@ -116,7 +121,7 @@ def block_inputs(model, ids: torch.Tensor, out, k: int = 1) -> BlockInputs:
     h = out.hidden_states[0]
     if not arch.arch_of(model).causal:
         return sequence_inputs(model, h)
-    layers = out.past_key_values.layers
+    layers = (out.cache if getattr(out, "cache", None) is not None else out.past_key_values).layers
     kv = PrefixKV([x.keys[:, :, :-k].detach() for x in layers], [x.values[:, :, :-k].detach() for x in layers])
     last = torch.arange(ids.shape[1] - k, ids.shape[1], device=ids.device)
     return BlockInputs(kv, arch.rope(model, h[:, -k:], last[None]), attention_masks(model, last, ids.shape[1], h.dtype))
