@@ -195,70 +195,82 @@ def main():
         return erase(args, F, model, tok, loaded, edited + other, meta, cache)
     for n in sizes:
         chosen = order[:n]
-        edits = [
-            {
-                "update": {
-                    "relation": r,
-                    "subject": s,
-                    "target": o,
-                    "new_target": new,
-                    "templates": F.found[r]["loc"] + F.found[r]["held"][:1],  # held_out 1: located on loc only
-                    "relation_facts": [{"subject": a, "target": b} for a, b in plan[r][1]],
-                }
-            }
-            for r, (s, o, new) in chosen
-        ]
-        spec = Spec.model_validate({"model": args.model, "seed": args.seed, "edits": edits, "verify": {"held_out": 1}})
-        batch = prepare(spec)
-        batch.source = loaded.source
-        t = time.time()
-        locate(model, batch.edits, spec.method, None, cache)
-        t_locate = time.time() - t
+        edits, batch, t_locate = located(args, F, plan, chosen, model, loaded, cache)
         loc = [F.prompts(r, s, held=False) for r, (s, _, _) in chosen]
         held = [F.prompts(r, s, held=True) for r, (s, _, _) in chosen]
         new_ids = [target_id(tok, ps[0], new, True) for ps, (_, (_, _, new)) in zip(loc, chosen, strict=True)]
         for rule in rules_run:
-            control = rule.startswith("control")  # control-RULE: RULE's solve on random neurons (control: the default's)
-            real = rule.partition("-")[2] or "solve" if control else rule
-            method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
             t = time.time()
-            others = (
-                [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits]
-                if method.solve.select != "score"
-                else None
-            )
-            choose(model, batch.edits, method, others)
-            if control:  # the solve on as many random neurons of the same layers
-                r_ = random.Random(args.seed)
-                width = arch.shape(model)[1]
-                neurons = [draw(e.neurons, width, r_, e.neurons) for e in batch.edits]
-            else:
-                neurons = None
-            undo = apply(model, batch, method, neurons=neurons, seed=args.seed)
+            undo, columns = edit(model, batch, edits, rule, args)
             t_edit = time.time() - t
             hits = [[int(x) == i for x in top1(ps)] for ps, i in zip(loc, new_ids, strict=True)]
             ghits = [int(x) == i for ps, i in zip(held, new_ids, strict=True) for x in top1(ps)]
-            row = {
-                "edits": n,
-                "rule": rule,
-                "efficacy": sum(map(sum, hits)) / sum(map(len, hits)),
-                "edits_held": sum(all(h) for h in hits) / n,
-                "generalization": sum(ghits) / len(ghits),
-                "same_relation_kept": _kept(base["neigh"], top1(neighbour_prompts)),
-                "other_relations_kept": _kept(base["other"], top1(other_prompts)),
-                "probe_kept": _kept(base["probe"], top1(probe)),
-                "text_ppl": safety.perplexity(model, tok, text, True),
-                "columns": len({c for e in batch.edits for c in e.neurons})
-                if neurons is None
-                else len({c for ns in neurons for c in ns}),
-                "locate_s": t_locate,
-                "edit_s": t_edit,
-            }
-            row["text_ppl_change"] = row["text_ppl"] / base_ppl - 1
+            same, other = _kept(base["neigh"], top1(neighbour_prompts)), _kept(base["other"], top1(other_prompts))
+            row = _row(n, rule, hits, ghits, same, other, _kept(base["probe"], top1(probe)), model, tok, text, base_ppl)
+            row |= {"columns": columns, "locate_s": t_locate, "edit_s": t_edit}
             undo.restore()
             rows.append(row)
             print(json.dumps(row), flush=True)
             _write(args.out, meta, rows)
+
+
+def _row(n, rule, hits, ghits, same, other, probe, model, tok, text, base_ppl) -> dict:
+    """One table row: hits per edit on its locate prompts, held-out hits, the kept shares, text perplexity."""
+    ppl = safety.perplexity(model, tok, text, True)
+    return {
+        "edits": n,
+        "rule": rule,
+        "efficacy": sum(map(sum, hits)) / sum(map(len, hits)),
+        "edits_held": sum(all(h) for h in hits) / n,
+        "generalization": sum(ghits) / len(ghits),
+        "same_relation_kept": same,
+        "other_relations_kept": other,
+        "probe_kept": probe,
+        "text_ppl": ppl,
+        "text_ppl_change": ppl / base_ppl - 1,
+    }
+
+
+def located(args, F, plan, chosen, model, loaded, cache):
+    """The spec of the `chosen` edits (relation, (subject, object, new object)), prepared and located:
+    (edits as spec dicts, batch, seconds to locate)."""
+    edits = [
+        {
+            "update": {
+                "relation": r,
+                "subject": s,
+                "target": o,
+                "new_target": new,
+                "templates": F.found[r]["loc"] + F.found[r]["held"][:1],  # held_out 1: located on loc only
+                "relation_facts": [{"subject": a, "target": b} for a, b in plan[r][1]],
+            }
+        }
+        for r, (s, o, new) in chosen
+    ]
+    spec = Spec.model_validate({"model": args.model, "seed": args.seed, "edits": edits, "verify": {"held_out": 1}})
+    batch = prepare(spec)
+    batch.source = loaded.source
+    t = time.time()
+    locate(model, batch.edits, spec.method, None, cache)
+    return edits, batch, time.time() - t
+
+
+def edit(model, batch, edits, rule, args):
+    """Apply `rule` to the located batch (control-RULE: RULE's solve on as many random neurons of the same
+    layers; control: the default's); the undo handle and the number of columns written."""
+    control = rule.startswith("control")
+    real = rule.partition("-")[2] or "solve" if control else rule
+    method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
+    others = [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits] if method.solve.select != "score" else None
+    choose(model, batch.edits, method, others)
+    neurons = None
+    if control:
+        r_ = random.Random(args.seed)
+        width = arch.shape(model)[1]
+        neurons = [draw(e.neurons, width, r_, e.neurons) for e in batch.edits]
+    undo = apply(model, batch, method, neurons=neurons, seed=args.seed)
+    used = [e.neurons for e in batch.edits] if neurons is None else neurons
+    return undo, len({c for ns in used for c in ns})
 
 
 def erase(args, F, model, tok, loaded, relations, meta, cache):

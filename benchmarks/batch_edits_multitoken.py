@@ -27,22 +27,14 @@ import time
 from pathlib import Path
 
 import torch
-from batch_edits import OUT, PER_REL, RULES, Facts, _kept, _write, cpu_name
+from batch_edits import OUT, PER_REL, Facts, _kept, _row, _write, cpu_name, edit, located
 
 from kn_edit import pipeline
-from kn_edit.apply import preserve
-from kn_edit.apply.choose import choose
-from kn_edit.apply.write import apply
 from kn_edit.locate.cache import Cache, default_dir
-from kn_edit.locate.stage import locate
 from kn_edit.measure import safety
-from kn_edit.measure.evaluate import draw
 from kn_edit.measure.predict import predict_many, says_many, starts_many
-from kn_edit.model import arch
 from kn_edit.plan import pararel
-from kn_edit.plan.batch import prepare
 from kn_edit.plan.prompts import encode, target_ids
-from kn_edit.spec import Spec
 
 # relations tried in this order, most multi-token objects first (SmolLM2's tokenizer; PARAREL's objects are
 # one BERT token, so few are several of SmolLM2's): the first 8 with enough known facts are edited, up to 6
@@ -230,25 +222,7 @@ def main():
     cache = Cache(default_dir(), loaded.source.identity)
     for n in sizes:
         chosen = order[:n]
-        edits = [
-            {
-                "update": {
-                    "relation": r,
-                    "subject": s,
-                    "target": o,
-                    "new_target": new,
-                    "templates": F.found[r]["loc"] + F.found[r]["held"][:1],  # held_out 1: located on loc only
-                    "relation_facts": [{"subject": a, "target": b} for a, b in plan[r][1]],
-                }
-            }
-            for r, (s, o, new) in chosen
-        ]
-        spec = Spec.model_validate({"model": args.model, "seed": args.seed, "edits": edits, "verify": {"held_out": 1}})
-        batch = prepare(spec)
-        batch.source = loaded.source
-        t = time.time()
-        locate(model, batch.edits, spec.method, None, cache)
-        t_locate = time.time() - t
+        edits, batch, t_locate = located(args, F, plan, chosen, model, loaded, cache)
         loc = [F.prompts(r, s, held=False) for r, (s, _, _) in chosen]
         held = [F.prompts(r, s, held=True) for r, (s, _, _) in chosen]
 
@@ -265,45 +239,15 @@ def main():
                 hits.append(flat[at : at + len(ps)])
                 at += len(ps)
             ghits = starts_many(model, [p for ps in held for p in ps], new_ids(held))
-            row = {
-                "edits": n,
-                "rule": rule,
-                "efficacy": sum(map(sum, hits)) / sum(map(len, hits)),
-                "edits_held": sum(all(h) for h in hits) / n,
-                "generalization": sum(ghits) / len(ghits),
-                "same_relation_kept": _kept(base["neigh"], says_many(model, *neigh)),
-                "other_relations_kept": _kept(base["other"], says_many(model, *others)),
-                "probe_kept": _kept(base["probe"], top1(probe)),
-                "text_ppl": safety.perplexity(model, tok, text, True),
-                "columns": columns,
-                "new_target_tokens": [len(x) for x in new_ids([ps[:1] for ps in loc])],
-                "locate_s": t_locate,
-                "edit_s": t_edit,
-            }
-            row["text_ppl_change"] = row["text_ppl"] / base_ppl - 1
+            same, other = _kept(base["neigh"], says_many(model, *neigh)), _kept(base["other"], says_many(model, *others))
+            row = _row(n, rule, hits, ghits, same, other, _kept(base["probe"], top1(probe)), model, tok, text, base_ppl)
+            row |= {"columns": columns, "new_target_tokens": [len(x) for x in new_ids([ps[:1] for ps in loc])]}
+            row |= {"locate_s": t_locate, "edit_s": t_edit}
             undo.restore()
             rows.append(row)
             print(json.dumps(row), flush=True)
             _write(args.out, meta, rows)
             _describe(args.out, meta)
-
-
-def edit(model, batch, edits, rule, args):
-    """Apply `rule` to the located batch as `batch_edits.py` does (control: the solve on as many random
-    neurons of the same layers); the undo handle and the number of columns written."""
-    control = rule.startswith("control")
-    real = rule.partition("-")[2] or "solve" if control else rule
-    method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
-    others = [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits] if method.solve.select != "score" else None
-    choose(model, batch.edits, method, others)
-    neurons = None
-    if control:
-        r_ = random.Random(args.seed)
-        width = arch.shape(model)[1]
-        neurons = [draw(e.neurons, width, r_, e.neurons) for e in batch.edits]
-    undo = apply(model, batch, method, neurons=neurons, seed=args.seed)
-    used = [e.neurons for e in batch.edits] if neurons is None else neurons
-    return undo, len({c for ns in used for c in ns})
 
 
 def _describe(out: Path, meta):
