@@ -57,6 +57,14 @@ class Locate(_Strict):
         "Riemann sum), midpoint, trapezoid (steps >= 2) or gauss (Gauss-Legendre)",
     )
 
+    batch: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="prompts attributed together in one pass of the fast engine (padded, masked; the same scores up "
+        "to float rounding); 1: one prompt at a time",
+    )
+
     @model_validator(mode="after")
     def _rule_steps(self):
         if self.rule == "trapezoid" and self.steps < 2:

@@ -323,3 +323,64 @@ def test_predict_many_equals_predict(kind):
         ps.append(Prompt("x", tuple(ids), n - 1 if causal else 2))
     for one, many in zip((verify.predict(model, p) for p in ps), verify.predict_many(model, ps, batch=2)):
         torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-6)
+
+
+def several(kind):
+    """Prompts of lengths 7, 5, 7, 6 with answers of 1-3 tokens (for masked LMs at other positions)."""
+    causal = arch.for_type(kind).causal
+    out = []
+    for seed, n, at, target in ((1, 7, 3, 9), (2, 5, 1, (9, 4, 11)), (3, 7, 4, (4, 5)), (4, 6, 2, 12)):
+        ids = torch.randint(3, 50, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        out.append((Prompt("x", tuple(ids), n - 1 if causal else at), target))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_batched_prompts_equal_the_reference(kind, attn):
+    """Several prompts in one pass (fast_many) against the reference engine prompt by prompt: the
+    paper's rule and another, all layers in one group and one layer per group."""
+    model = tiny(kind, attn)
+    items = several(kind)
+    for rule in ("riemann", "gauss"):
+        refs = [attribution.reference(model, p, t, steps=4, rule=rule) for p, t in items]
+        for max_rows in (None, 4 * len(items)):
+            got = attribution.fast_many(model, items, steps=4, max_rows=max_rows, rule=rule)
+            assert len(got) == len(items)
+            for g, ref in zip(got, refs):
+                same(g, ref)
+                assert coarse(g, 0.2) == coarse(ref, 0.2)
+
+
+def test_scores_many_keeps_the_order_and_batch_one_is_the_plain_path(monkeypatch):
+    """scores_many: batch 1 is `scores` prompt by prompt, bit for bit; batch 3 sorts the prompts by shape
+    into passes of at most 3 and gives the scores back in the order asked; the reference engine and
+    one-prompt passes take no batched path."""
+    model = tiny("llama")
+    items = several("llama") * 2
+    one = attribution.scores_many(model, items, steps=4)
+    for s, (p, t) in zip(one, items, strict=True):
+        assert torch.equal(s, attribution.scores(model, p, t, 4))
+    passes, ticks = [], []
+    real = attribution._fast_many
+    shape = lambda its: [(len(p.ids), len(attribution.as_ids(t))) for p, t in its]
+    monkeypatch.setattr(attribution, "_fast_many", lambda m, its, *a: passes.append(shape(its)) or real(m, its, *a))
+    many = attribution.scores_many(model, items, steps=4, batch=3, tick=ticks.append)
+    assert ticks == [3, 3, 2]
+    # sorted by the answer's length, then the prompt's: the two 3-token answers share a pass of their own
+    assert passes == [[(6, 1), (6, 1), (7, 1)], [(7, 1), (7, 2), (7, 2)], [(5, 3), (5, 3)]]
+    for s, ref in zip(many, one, strict=True):
+        same(s, ref)
+    passes.clear()
+    assert torch.equal(attribution.scores_many(model, items[:1], steps=4, batch=3)[0], one[0])
+    ref = attribution.scores_many(model, items[:2], steps=4, engine="reference", batch=3)
+    assert not passes and all(torch.equal(r, attribution.reference(model, p, t, 4)) for r, (p, t) in zip(ref, items))
+
+
+def test_batched_prompts_in_bf16():
+    model = tiny("llama")
+    items = several("llama")
+    for g, (p, t) in zip(attribution.fast_many(model, items, steps=8, dtype=torch.bfloat16), items, strict=True):
+        alone = attribution.fast(model, p, t, steps=8, dtype=torch.bfloat16)
+        assert g.dtype == torch.float32
+        assert torch.corrcoef(torch.stack([g.flatten(), alone.flatten()]))[0, 1] > 0.999

@@ -276,3 +276,40 @@ def _rebuilt_warning_twice(calls, caplog, spec, out, cache_dir):
     assert calls["scores"] == 2 * PROMPTS
     assert sum("corrupt neuron cache entry" in r.message for r in caplog.records) == 2
     return again
+
+
+def test_batch_stays_out_of_the_key_at_one(world, llama_dir, write_spec, tmp_path):
+    """Prompts per pass change the scores' last bits: batch > 1 is keyed; the default 1 is not."""
+    prep = prepare(write_spec(spec_data(world, llama_dir)))
+    method = prep.spec.method.locate
+    f = prep.edits[0].facts[0]
+    a = cachemod.Cache(tmp_path / "x", {"kind": "folder", "sha256": {"model.safetensors": "0" * 64}})
+    assert method.batch == 1 and "batch" not in cachemod.inputs(a.identity, f, method, "float32")["method"]
+    keys = {b: a.key(f, method.model_copy(update={"batch": b})) for b in (1, 2, 8)}
+    assert keys[1] == a.key(f, method) and len(set(keys.values())) == 3
+
+
+def test_batched_locate_finds_the_same_neurons_and_caches_them(world, llama_dir, write_spec, tmp_path, monkeypatch):
+    """method.locate.batch: 3: the prompts of all facts attributed 3 per pass. The build's neurons are those
+    of one prompt at a time (scores within float rounding), every distinct fact is located once and
+    stored, and a second build and a shard find them all."""
+    prompts = []
+    real = attribution.scores_many
+    monkeypatch.setattr(attribution, "scores_many", lambda m, items, *a: prompts.append(len(items)) or real(m, items, *a))
+    plain = json.loads(build(write_spec(spec_data(world, llama_dir), "a.yaml"), tmp_path / "a")[1])
+    spec = write_spec(spec_data(world, llama_dir, locate={"batch": 3}), "b.yaml")
+    cache_dir = tmp_path / "cache"
+    prompts.clear()
+    batched = json.loads(build(spec, tmp_path / "b", cache=cache_dir)[1])
+    assert sum(prompts) == FACTS * PROMPTS  # a fact listed twice is located once
+    assert len(entries(cache_dir)) == FACTS
+    facts = lambda doc: [f for e in doc["edits"] for f in e["facts"]]
+    which = lambda doc: [(e["edited"], [(f["coarse"], [(n["layer"], n["index"]) for n in f["neurons"]]) for f in e["facts"]]) for e in doc["edits"]]  # fmt: skip
+    scores = lambda doc: [n["score"] for f in facts(doc) for n in f["neurons"]]
+    assert which(batched) == which(plain) and len(facts(plain)) == 11  # the update, 6 + 4 erased
+    assert scores(batched) == pytest.approx(scores(plain), rel=1e-5)
+    prompts.clear()
+    again = json.loads(build(spec, tmp_path / "c", cache=cache_dir)[1])
+    assert sum(prompts) == 0 and again == batched
+    stats = locate_shard(spec, cache_dir, (0, 1))
+    assert stats["computed"] == 0 and stats["cached"] == FACTS

@@ -98,6 +98,21 @@ def test_fast_equals_reference(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_batched_prompts_equal_one_at_a_time(name):
+    """Several prompts in one pass (attribution.fast_many): prompts of other lengths (right-padded, the
+    padding masked) and, for masked LMs, other answer positions, with 1-, 2- and 3-token answers, each
+    get the scores they get alone (two of them have the same length: no padding between them)."""
+    model = tiny(name)
+    causal = arch.arch_of(model).causal
+    items = []
+    for seed, n, at, target in ((1, 7, 3, 9), (2, 5, 1, (9, 4, 11)), (3, 7, 4, (4, 5)), (4, 6, 2, 12), (5, 7, 2, 9)):
+        ids = torch.randint(3, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        items.append((Prompt("x", tuple(ids), n - 1 if causal else at), target))  # masked: the answer anywhere
+    for got, (p, target) in zip(attribution.fast_many(model, items, steps=4), items, strict=True):
+        same(got, attribution.fast(model, p, target, steps=4))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_solve_runs_the_blocks_as_the_model_does(name):
     """The batch update's logits (blocks from the middle, padded rows) are the model's own."""
     model = tiny(name)

@@ -115,6 +115,8 @@ def test_method_nested_and_flat_forms_are_the_same():
     assert flat == nested and flat.locate.steps == 8 and flat.erase.min_facts == 3
     assert flat.locate.rule == "riemann"  # the paper's left Riemann sum unless asked
     assert Method.model_validate({"locate": {"rule": "gauss", "steps": 6}}).locate.rule == "gauss"
+    assert flat.locate.batch == 1  # one prompt per pass unless asked
+    assert Method.model_validate({"locate": {"batch": 8}}).locate.batch == 8
 
 
 @pytest.mark.parametrize(
@@ -127,6 +129,7 @@ def test_method_nested_and_flat_forms_are_the_same():
         ({"refine": {"sharing": 1}}, "method.refine.sharing", "unknown key"),
         ({"locate": {"rule": "simpson"}}, "method.locate.rule", "'riemann', 'midpoint', 'trapezoid' or 'gauss'"),
         ({"locate": {"rule": "trapezoid", "steps": 1}}, "method.locate", "rule trapezoid needs steps >= 2"),
+        ({"locate": {"batch": 0}}, "method.locate.batch", "greater than or equal to 1"),
     ],
 )
 def test_method_errors_name_the_field_as_written(bert_dir, world, write_spec, method, where, expected):

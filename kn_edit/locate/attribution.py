@@ -33,6 +33,7 @@ import contextlib
 import copy
 import os
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -252,7 +253,8 @@ def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, targets, alph
 
 class TargetProb(torch.autograd.Function):
     """p(target) = softmax(x W^T + b)[target] per row, and its gradient w.r.t. x only (with `cap`,
-    the logits z are soft-capped first: cap * tanh(z / cap)).
+    the logits z are soft-capped first: cap * tanh(z / cap)). target: one token id, or a tensor of
+    one per row.
 
     The same numbers as autograd through logits -> softmax -> index, without its extra
     [rows, vocab] tensors (the softmax output, its gradient, the zero-filled index gradient):
@@ -274,6 +276,8 @@ class TargetProb(torch.autograd.Function):
             soft.append(z.softmax(-1))
         ctx.soft, ctx.slope, ctx.target, ctx.rows = soft, slope, target, rows
         ctx.save_for_backward(w)
+        if isinstance(target, torch.Tensor):  # one target per row (several prompts)
+            return torch.cat([s.gather(1, t[:, None])[:, 0] for s, t in zip(soft, target.split(rows))])
         return torch.cat([s[:, target] for s in soft])
 
     @staticmethod
@@ -281,10 +285,18 @@ class TargetProb(torch.autograd.Function):
         (w,) = ctx.saved_tensors
         t, out = ctx.target, []
         # d p_t / d z = p_t (onehot_t - softmax(z))
-        for k, (s, g) in enumerate(zip(ctx.soft, grad.float().split(ctx.rows))):
-            c = g * s[:, t]
-            s.mul_(-c[:, None])
-            s[:, t] += c
+        per_row = isinstance(t, torch.Tensor)
+        ts = t.split(ctx.rows) if per_row else [t] * len(ctx.soft)
+        for k, (s, g, tk) in enumerate(zip(ctx.soft, grad.float().split(ctx.rows), ts)):
+            if per_row:
+                r = torch.arange(s.shape[0], device=s.device)
+                c = g * s[r, tk]
+                s.mul_(-c[:, None])
+                s[r, tk] += c
+            else:
+                c = g * s[:, t]
+                s.mul_(-c[:, None])
+                s[:, t] += c
             if ctx.slope:
                 s.mul_(ctx.slope[k])
             out.append(s.to(w.dtype) @ w)
@@ -361,6 +373,173 @@ def _autocast(model, dtype):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(model.device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- several prompts in one pass
+def fast_many(
+    model, items: list, steps: int = 20, dtype: torch.dtype | None = None, max_rows: int | None = None, rule: str = "riemann"
+) -> list[torch.Tensor]:
+    """`fast` for several prompts at once: items [(prompt, target), ...], one [L, I] score tensor each.
+
+    Each prompt has its own clean pass; then the m rows of every prompt join one batch at each layer,
+    so that every block, the vocabulary projection and the backward pass run once for all of them.
+    Prompts of different shapes are right-padded (causal: the answer's positions to the longest
+    answer, the prefix keys/values to the longest prefix; masked: whole sequences to the longest),
+    and the padding is masked out of attention: no position that is scored sees it. The numbers are
+    those of `fast` on each prompt alone up to float rounding (the matrix products have other shapes)."""
+    if len(items) == 1:
+        return [fast(model, items[0][0], items[0][1], steps, dtype, max_rows, rule)]
+    run = low_precision(model, dtype)
+    with frozen(run), _attention(run):
+        return _fast_many(run, items, steps, dtype, max_rows, rule)
+
+
+@dataclass
+class _Clean:
+    """One prompt's clean pass, for fast_many."""
+
+    pos: int
+    targets: tuple[int, ...]
+    taps: dict
+    acts: list
+    clean: tuple  # (ids, out, k, pos) for engine.batch_inputs
+
+
+def _clean_pass(model, a, prompt, target, dtype) -> _Clean:
+    L, _ = arch.shape(model)
+    targets = as_ids(target)
+    prompt = answering(prompt, targets, a.causal)
+    ids = torch.tensor([prompt.ids], device=model.device)
+    store, taps = {}, {}
+    seq = ids.shape[1]
+    with (
+        torch.no_grad(),
+        recorded(model, prompt.pos, store, seq),
+        engine.ffn_taps(model, prompt.pos, taps, seq),
+        _autocast(model, dtype),
+    ):
+        out = model(ids, output_hidden_states=True, **engine.cache_kwargs(model))
+    acts = [store[l][0].float() for l in range(L)]
+    return _Clean(prompt.pos, targets, taps, acts, (ids, out, len(targets), prompt.pos))
+
+
+def _fast_many(model, items, steps, dtype, max_rows, rule="riemann"):
+    a = arch.arch_of(model)
+    L, _ = arch.shape(model)
+    cs = [_clean_pass(model, a, p, t, dtype) for p, t in items]
+    batch = engine.batch_inputs(model, [c.clean for c in cs])
+    longest = max(c.clean[0].shape[1] for c in cs)
+    for c in cs:
+        c.clean = None  # the clean outputs (keys/values) are in `batch` now
+    if max_rows is None:
+        max_rows = row_budget(model, longest, dtype)
+        if model.device.type == "cpu":
+            # no larger than one prompt's group of every layer: on a CPU, larger groups run slower per
+            # row (their tensors leave the caches; SmolLM2, 4 prompts: 4.1 s/prompt in one group, 2.5 in four)
+            max_rows = min(max_rows, steps * L * (L + 1) // 2)
+    alphas, weights = quadrature(rule, steps, model.device)
+    grads = [[] for _ in cs]
+    for group in layer_groups(L, steps * len(cs), max_rows):
+        for g in _group_grads_many(model, a, group, cs, batch, alphas, dtype):
+            for i, gi in enumerate(g.split(steps)):
+                grads[i].append(gi)
+    return [torch.stack([_integral(g, c.acts[l], weights) for l, g in enumerate(gs)]) for c, gs in zip(cs, grads)]
+
+
+def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[1, n, hidden] right-padded with zeros to [1, width, hidden]."""
+    return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]))
+
+
+def _group_grads_many(model, a, layers, cs, batch, alphas, dtype):
+    """_group_grads for several prompts: per layer of `layers`, the gradients [N * m, I] of every
+    prompt's rows (prompt after prompt, m rows each). Rows are ordered by layer, then prompt, then step."""
+    dev = model.device
+    n, steps = len(cs), alphas.shape[0]
+    ks = torch.tensor([len(c.targets) for c in cs], device=dev)
+    K = int(ks.max())
+    top = len(cs[0].acts) - 1
+    who = torch.arange(n, device=dev).repeat_interleave(steps).repeat(len(layers))  # the prompt of each row
+    per_layer = n * steps
+    pos = torch.tensor([c.pos for c in cs], device=dev)
+    # masked LMs' top block: each row's answer positions (padded answers read the last position, unused)
+    tops = (pos[:, None] + torch.arange(K, device=dev)).clamp(max=batch.width - 1)
+    leaves, h = [], None
+    for l in range(layers[0], len(cs[0].acts)):
+        with _autocast(model, dtype):
+            if h is not None:
+                w = who[: h.shape[0]]
+                if l == top and not a.causal:
+                    mask = None if batch.top_mask is None else batch.top_mask.index_select(0, w)
+                    h = engine.run_block_rows(model, l, h, tops.index_select(0, w), batch.rows(w), mask)
+                else:
+                    h = engine.run_block(model, l, h, batch.rows(w))
+            if l in layers:
+                leaf = torch.cat([alphas[:, None] * c.acts[l][None] for c in cs]).requires_grad_(True)
+                leaves.append(leaf)
+                residual = torch.cat([c.taps[l]["residual"].expand(steps, -1) for c in cs])
+                at = engine.ffn_output(model, l, residual, leaf)
+                if l == top and K == 1:
+                    rows = at[:, None]
+                elif a.causal or l == top:  # the answer's positions, the scaled one first
+                    span = [
+                        c.taps[l]["out"][:, -len(c.targets) :]
+                        if a.causal
+                        else c.taps[l]["out"][:, c.pos : c.pos + len(c.targets)]
+                        for c in cs
+                    ]
+                    rows = _replace_at(torch.cat([_padded(x, K).expand(steps, -1, -1) for x in span]), 0, 0, at)
+                else:  # whole sequences, the scaled position each prompt's own
+                    rows = torch.cat([_padded(c.taps[l]["out"], batch.width).expand(steps, -1, -1) for c in cs])
+                    rows[torch.arange(per_layer, device=dev), pos.repeat_interleave(steps)] = at.to(rows.dtype)
+                h = rows if h is None else torch.cat([h, rows.to(h.dtype)])
+    out = arch.output_module(model)
+    targets = torch.tensor([list(c.targets) + [0] * (K - len(c.targets)) for c in cs], device=dev)
+    p = None
+    for j in range(K):  # position j of each row's answer; rows whose answer is shorter are done
+        sel = None if bool((ks > j).all()) else (ks.index_select(0, who) > j).nonzero()[:, 0]
+        rows_j = who if sel is None else who.index_select(0, sel)
+        with _autocast(model, dtype):
+            x = arch.head_input(model, h[:, j] if sel is None else h[sel, j])
+        pj = TargetProb.apply(x, out.weight, out.bias, targets[rows_j, j], arch.softcap(model))
+        if p is None:
+            p = pj
+        elif sel is None:
+            p = p * pj
+        else:
+            p = p.index_put((sel,), p[sel] * pj)
+    return list(torch.autograd.grad(p.sum(), leaves))
+
+
+def scores_many(
+    model, items: list, steps: int = 20, engine: str = "fast", dtype=None, rule: str = "riemann", batch: int = 1, tick=None
+) -> list[torch.Tensor]:
+    """`scores` of items [(prompt, target), ...], in their order. batch > 1 (the fast engine): passes of up
+    to `batch` prompts (fast_many), formed after sorting the prompts by shape, so that prompts of equal
+    length share a pass where they can (no padding). batch 1: `scores` prompt by prompt. tick(n) after
+    every n prompts done."""
+    tick = tick or (lambda n: None)
+    if batch <= 1 or engine != "fast":
+        out = []
+        for p, t in items:
+            out.append(scores(model, p, t, steps, engine, dtype, rule))
+            tick(1)
+        return out
+    causal = arch.arch_of(model).causal
+
+    def shape(k):
+        p, t = items[k]
+        ids, n = len(answering(p, as_ids(t), causal).ids), len(as_ids(t))
+        return (n, ids) if causal else (ids, n)  # what padding costs most: the answer's length (causal)
+
+    order = sorted(range(len(items)), key=shape)
+    out = [None] * len(items)
+    for i in range(0, len(order), batch):
+        chunk = order[i : i + batch]
+        for k, s in zip(chunk, fast_many(model, [items[k] for k in chunk], steps, dtype, rule=rule)):
+            out[k] = s
+        tick(len(chunk))
+    return out
 
 
 ENGINES = {"reference": reference, "fast": fast}

@@ -4,7 +4,8 @@ An entry holds what locate() returns for one fact (coarse sets per prompt, mean 
 activations, the prompts) - not the refined set, whose share is chosen later over a group.
 Its key is the sha256 of a canonical JSON of everything that determines that result: the
 model's identity (weights' hash or Hub commit), the encoded prompts, the target, the settings
-that affect location (steps, threshold, engine, quadrature rule, compute dtype) and ATTRIBUTION_VERSION.
+that affect location (steps, threshold, engine, quadrature rule, prompts per pass, compute dtype) and
+ATTRIBUTION_VERSION.
 Settings added after the first format leave the key unchanged at their default (`ADDED`), so entries
 written before them stay valid.
 The on-disk format is described in docs/cache.md.
@@ -23,7 +24,7 @@ from ..errors import InputError
 from ..model.arch import shape
 from ..model.load import cache_dir
 from .neurons import Located
-from .stage import locate_fact
+from .stage import locate_fact, locate_facts
 
 # Bump when attribution.py, locate.py or neurons.coarse change the numbers they produce.
 ATTRIBUTION_VERSION = 1
@@ -33,7 +34,7 @@ FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # method.locate settings added later -> the default at which they stay out of the key
-ADDED = {"rule": "riemann"}
+ADDED = {"rule": "riemann", "batch": 1}
 
 
 def default_dir() -> Path:
@@ -181,3 +182,41 @@ class Cache:
         except OSError as e:  # a full disk: the build goes on, the entry is computed again next time
             log.warning("cannot store neuron cache entry %s: %s", self.path(key), e.strerror or e)
         return located
+
+    def locate_many(self, model, facts, method, compute_dtype=None, tick=lambda: None) -> list[Located]:
+        """`locate` of each fact, those not in the cache located together (stage.locate_facts: with
+        method.batch > 1, their prompts share passes). A fact given twice is located once."""
+        inps = [inputs(self.identity, f, method, self.dtype) for f in facts]
+        keys = [_digest(i) for i in inps]
+        got: dict = {}
+        todo, seen = [], set()  # todo: the first occurrence of each key not found
+        for n, k in enumerate(keys):
+            if k in seen:
+                continue
+            seen.add(k)
+            hit = self._read(k, shape(model))
+            if hit is None:
+                todo.append(n)
+            else:
+                got[k] = hit
+        device = str(next(model.parameters()).device)
+
+        def store(i, located):  # as each fact is done: an interrupted run keeps what it did
+            j = todo[i]
+            got[keys[j]] = located
+            try:
+                self._write(keys[j], inps[j], located, {"device": device})
+            except OSError as e:
+                log.warning("cannot store neuron cache entry %s: %s", self.path(keys[j]), e.strerror or e)
+
+        locate_facts(model, [facts[j] for j in todo], method, compute_dtype, tick, store)
+        first = set(todo)
+        self.misses += len(todo)
+        self.hits += len(facts) - len(todo)  # as located one after the other: a repeated fact is found
+        out = []
+        for n, (f, k) in enumerate(zip(facts, keys)):
+            if n not in first:
+                for _ in f.prompts:
+                    tick()
+            out.append(got[k] if n in first else _from_json(_to_json(got[k])))  # each its own copy
+        return out

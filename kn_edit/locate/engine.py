@@ -201,3 +201,139 @@ def block_input(model, layer: int, store: list):
         yield
     finally:
         h.remove()
+
+
+# ---------------------------------------------------------------- several prompts in one pass
+def padded_masks(model, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, dtype) -> list:
+    """Per layer, additive masks [N, 1, Q, T] for N prompts: queries at positions q [N, Q] attend to
+    keys at positions k [N, T] of which only `valid` [N, T] exist (the rest is padding). The same
+    rules as attention_masks (causal, sliding windows by layer type), per prompt."""
+    cfg, L = model.config, len(arch.blocks(model))
+    causal = arch.arch_of(model).causal
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * L
+    d = q[:, :, None] - k[:, None, :]
+    masks = {}
+    for t in set(types[:L]):
+        ok = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
+        if window and t == "sliding_attention":
+            ok &= d < window if causal else d.abs() <= window
+        ok &= valid[:, None, :]
+        masks[t] = torch.zeros(ok.shape, dtype=dtype, device=q.device).masked_fill(~ok, torch.finfo(dtype).min)[:, None]
+    return [masks[t] for t in types[:L]]
+
+
+class RowPrefixKV:
+    """PrefixKV for rows of several prompts: keys[l] [N, heads, P, head_dim] hold each prompt's prefix
+    (padded to P); row r attends to the prefix of prompt who[r] plus its own keys."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], who: torch.Tensor):
+        self.keys, self.values, self.who = keys, values, who
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        pk = self.keys[layer_idx].index_select(0, self.who)
+        pv = self.values[layer_idx].index_select(0, self.who)
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+
+class _Picked:
+    """Per layer, a prompt-indexed tensor (or (cos, sin) pair) taken at rows `who`; one shared by all
+    prompts (first dimension 1) is passed as it is."""
+
+    def __init__(self, per_layer: list, who: torch.Tensor):
+        self.per_layer, self.who, self.done = per_layer, who, {}
+
+    def __getitem__(self, layer):
+        if layer not in self.done:
+            x = self.per_layer[layer]
+            pick = lambda t: t if t.shape[0] == 1 else t.index_select(0, self.who)
+            self.done[layer] = tuple(map(pick, x)) if isinstance(x, tuple) else pick(x)
+        return self.done[layer]
+
+
+@dataclass
+class Batch:
+    """What blocks need to run the rows of several prompts together (`batch_inputs`). Tensors have one
+    entry per prompt along their first dimension, or one shared by all (first dimension 1).
+
+    Causal LMs: a row is a prompt's last K positions (its answer's k, right-padded to the longest k),
+    attending to that prompt's prefix keys/values (padded to the longest prefix) and to its own.
+    Masked LMs: a row is a whole sequence, right-padded to the longest. Padding is hidden by the masks;
+    prompts of the same shape need none beyond what one prompt alone needs, and share rope and masks."""
+
+    width: int  # positions per row: K (causal) or the longest sequence (masked)
+    keys: list | None = None  # causal: per layer [N, heads, P, head_dim]
+    values: list | None = None
+    rope: list | None = None
+    mask: list | None = None
+    top_mask: torch.Tensor | None = None  # masked LMs with padding: [N, 1, K, width] for the top block's queries
+
+    def rows(self, who: torch.Tensor) -> BlockInputs:
+        """Block inputs for rows belonging to prompts who [rows]."""
+        kv = None
+        if self.keys is not None:
+            kv = RowPrefixKV(self.keys, self.values, who)
+        rope = None if self.rope is None else _Picked(self.rope, who)
+        mask = None if self.mask is None else _Picked(self.mask, who)
+        return BlockInputs(kv, rope, mask)
+
+
+def batch_inputs(model, clean: list) -> Batch:
+    """From the clean passes of N prompts, clean[i] = (ids [1, S_i], out, k_i, answer position) (as
+    block_inputs takes them), what their rows need to run the blocks together."""
+    causal = arch.arch_of(model).causal
+    lens = [c[0].shape[1] for c in clean]
+    ks = [c[2] for c in clean]
+    h0 = clean[0][1].hidden_states[0]
+    dev = h0.device
+    if not causal:
+        S = max(lens)
+        if len(set(lens)) == 1:  # no padding: what one prompt needs serves all
+            one = sequence_inputs(model, h0)
+            return Batch(S, rope=one.rope, mask=one.mask)
+        pos = torch.arange(S, device=dev)
+        q = pos[None].expand(len(clean), -1)
+        valid = pos[None] < torch.tensor(lens, device=dev)[:, None]
+        K = max(ks)
+        tops = torch.tensor([c[3] for c in clean], device=dev)[:, None] + torch.arange(K, device=dev)
+        top = padded_masks(model, tops.clamp(max=S - 1), q, valid, h0.dtype)[-1]
+        return Batch(S, rope=arch.rope(model, h0, pos[None]), mask=padded_masks(model, q, q, valid, h0.dtype), top_mask=top)
+    K = max(ks)
+    prefix = [n - k for n, k in zip(lens, ks)]
+    P = max(prefix)
+    L = len(clean[0][1].past_key_values.layers)
+
+    def stacked(kind, l):
+        parts = []
+        for (_, out, *_), p in zip(clean, prefix):
+            x = getattr(out.past_key_values.layers[l], kind)[:, :, :p].detach()
+            parts.append(torch.nn.functional.pad(x, (0, 0, 0, P - p)))
+        return torch.cat(parts)
+
+    keys, values = [stacked("keys", l) for l in range(L)], [stacked("values", l) for l in range(L)]
+    if len(set(zip(prefix, ks))) == 1:
+        one = block_inputs(model, clean[0][0], clean[0][1], ks[0])
+        return Batch(K, keys, values, one.rope, one.mask)
+    j = torch.arange(K, device=dev)
+    p = torch.tensor(prefix, device=dev)[:, None]
+    q = p + j  # each prompt's answer positions
+    at = torch.cat([torch.arange(P, device=dev).expand(len(clean), -1), q], 1)
+    valid = torch.cat([torch.arange(P, device=dev)[None] < p, j[None] < torch.tensor(ks, device=dev)[:, None]], 1)
+    return Batch(K, keys, values, arch.rope(model, h0, q), padded_masks(model, q, at, valid, h0.dtype))
+
+
+def run_block_rows(model, layer: int, h: torch.Tensor, q: torch.Tensor, inputs: BlockInputs, mask=None) -> torch.Tensor:
+    """A masked LM's block output at positions q [rows, k] of each row, [rows, k, hidden]: run_block_at
+    with each row's own positions (`mask`: [rows, 1, k, S] when rows are padded)."""
+    block = arch.blocks(model)[layer]
+    a = arch.arch_of(model)
+    r = torch.arange(h.shape[0], device=h.device)[:, None]
+    if not a.attention:
+        return run_block(model, layer, h, inputs)[r, q]
+    sa = arch.get(block, a.attention)
+    shape = (*h.shape[:-1], -1, sa.attention_head_size)
+    keys = sa.key(h).view(shape).transpose(1, 2)
+    values = sa.value(h).view(shape).transpose(1, 2)
+    kw = {} if mask is None else {"attention_mask": mask}
+    out = block(h[r, q], **{cache_arg(block): WholeKV(keys, values)}, **kw)
+    return out[0] if isinstance(out, tuple) else out

@@ -7,6 +7,11 @@ from .. import progress
 from . import attribution
 from .neurons import Located, choose_share, coarse, finish
 
+# with method.batch = B > 1, facts are located in chunks of about this many passes' prompts: the
+# prompts of a chunk are sorted by length into passes (fewer padded ones), and their scores are kept
+# until their facts are done
+CHUNK_PASSES = 8
+
 
 def locate_fact(model, fact, method, dtype=None, tick=lambda: None) -> Located:
     """One fact (plan.batch.Fact): per prompt attribution scores, coarse sets and activations.
@@ -19,6 +24,10 @@ def locate_fact(model, fact, method, dtype=None, tick=lambda: None) -> Located:
         total = s if total is None else total + s
         acts = a if acts is None else acts + a
         tick()
+    return _located(fact, sets, total, acts)
+
+
+def _located(fact, sets, total, acts) -> Located:
     n = len(fact.prompts)
     seen = sorted({x for s in sets for x in s})
     return Located(
@@ -31,9 +40,48 @@ def locate_fact(model, fact, method, dtype=None, tick=lambda: None) -> Located:
     )
 
 
+def locate_facts(model, facts, method, dtype=None, tick=lambda: None, done=lambda i, located: None) -> list[Located]:
+    """locate_fact of each fact; with method.batch > 1 (fast engine) the prompts of several facts are
+    attributed together, `batch` per pass (attribution.scores_many). tick() after each prompt,
+    done(i, located) as fact i is done."""
+    out = []
+    if method.batch <= 1 or method.engine != "fast":
+        for i, f in enumerate(facts):
+            out.append(locate_fact(model, f, method, dtype, tick))
+            done(i, out[-1])
+        return out
+    chunk = []
+    for i, f in enumerate(facts):
+        chunk.append(f)
+        if sum(len(g.prompts) for g in chunk) >= CHUNK_PASSES * method.batch or i == len(facts) - 1:
+            for x in _locate_chunk(model, chunk, method, dtype, tick):
+                out.append(x)
+                done(len(out) - 1, x)
+            chunk = []
+    return out
+
+
+def _locate_chunk(model, facts, method, dtype, tick) -> list[Located]:
+    items = [(p, f.target_ids) for f in facts for p in f.prompts]
+    ticks = lambda n: [tick() for _ in range(n)]
+    scores = iter(attribution.scores_many(model, items, method.steps, method.engine, dtype, method.rule, method.batch, ticks))
+    out = []
+    for f in facts:  # summed prompt by prompt, in order, as locate_fact does
+        sets, total, acts = [], None, None
+        for p in f.prompts:
+            s = next(scores)
+            a, _ = attribution.clean_activations(model, p)
+            sets.append(coarse(s, method.threshold))
+            total = s if total is None else total + s
+            acts = a if acts is None else acts + a
+        out.append(_located(f, sets, total, acts))
+    return out
+
+
 def locate(model, edits, method, dtype=None, store=None) -> None:
     """Fill in each edit's `located` (spec.Method `method`). With `store` (a locate.cache.Cache),
-    facts found there are not recomputed and new ones are stored."""
+    facts found there are not recomputed and new ones are stored. With method.locate.batch > 1 the
+    facts of every edit are located first, together (`locate_facts`)."""
 
     def groups_of(e):
         # the batch solve needs only the updated fact's neurons; relation_facts serve the
@@ -44,9 +92,18 @@ def locate(model, edits, method, dtype=None, store=None) -> None:
     groups = [g for e in edits for g in groups_of(e) if g]
     r = method.refine
     with progress.bar(sum(len(f.prompts) for g in groups for f in g), "locating neurons", "prompt") as bar:
+        tick = lambda: bar.update(1)
+        ready = None  # the facts located together beforehand, in the order of the loop below
+        if method.locate.batch > 1:
+            facts = [f for g in groups for f in g]
+            if store is not None:
+                ready = iter(store.locate_many(model, facts, method.locate, dtype, tick))
+            else:
+                ready = iter(locate_facts(model, facts, method.locate, dtype, tick))
 
         def one(f):
-            tick = lambda: bar.update(1)
+            if ready is not None:
+                return next(ready)
             if store is not None:
                 return store.locate(model, f, method.locate, dtype, tick)
             return locate_fact(model, f, method.locate, dtype, tick)
