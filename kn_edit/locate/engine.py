@@ -115,13 +115,19 @@ def cache_kwargs(model) -> dict:
     return {"use_cache": True, name: DynamicCache()}
 
 
+def kv_cache(out):
+    """The key/value cache a forward pass returned (`cache` since transformers 5.24, `past_key_values` before)."""
+    got = out.get("cache") if hasattr(out, "get") else None
+    return got if got is not None else out.past_key_values
+
+
 def block_inputs(model, ids: torch.Tensor, out, k: int = 1) -> BlockInputs:
     """From a full forward pass (cache_kwargs, output_hidden_states=True) over `ids` [1, S], what
     is needed to run the blocks again on the last k positions alone (causal) or on the whole sequence (masked)."""
     h = out.hidden_states[0]
     if not arch.arch_of(model).causal:
         return sequence_inputs(model, h)
-    layers = (out.cache if getattr(out, "cache", None) is not None else out.past_key_values).layers
+    layers = kv_cache(out).layers
     kv = PrefixKV([x.keys[:, :, :-k].detach() for x in layers], [x.values[:, :, :-k].detach() for x in layers])
     last = torch.arange(ids.shape[1] - k, ids.shape[1], device=ids.device)
     return BlockInputs(kv, arch.rope(model, h[:, -k:], last[None]), attention_masks(model, last, ids.shape[1], h.dtype))
@@ -301,12 +307,12 @@ def batch_inputs(model, clean: list) -> Batch:
     K = max(ks)
     prefix = [n - k for n, k in zip(lens, ks)]
     P = max(prefix)
-    L = len(clean[0][1].past_key_values.layers)
+    L = len(kv_cache(clean[0][1]).layers)
 
     def stacked(kind, l):
         parts = []
         for (_, out, *_), p in zip(clean, prefix):
-            x = getattr(out.past_key_values.layers[l], kind)[:, :, :p].detach()
+            x = getattr(kv_cache(out).layers[l], kind)[:, :, :p].detach()
             parts.append(torch.nn.functional.pad(x, (0, 0, 0, P - p)))
         return torch.cat(parts)
 
