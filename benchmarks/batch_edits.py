@@ -49,7 +49,7 @@ RELATIONS = ["P36", "P103", "P1412", "P176", "P178", "P279", "P1376", "P159", "P
 N_EDITED, N_OTHER = 8, 6  # (4 relations have >= 3 known facts)
 PER_REL = {"edits": 20, "keep": 3, "neighbours": 6}
 RULES = {
-    "solve": {},  # the default: neurons chosen at the subject, spread 100
+    "solve": {},  # the default: neurons chosen at the subject
     "score": {"solve": {"select": "score"}},  # the solve's previous default: located neurons by attribution score
     "specific": {"solve": {"select": "specific"}},
     # variants of the solve, for choosing its defaults
@@ -58,8 +58,8 @@ RULES = {
     "margin1": {"solve": {"margin": 1.0}},
     "keep30": {"solve": {"keep": 30, "text": 30}},
     "all-layers": {"solve": {"min_layer": 0.0, "max_layer": 1.0}},
-    "spread0": {"solve": {"spread": 0}},  # the previous default: no spread term
     "spread10": {"solve": {"spread": 10}},
+    "spread100": {"solve": {"spread": 100}},
     "paper": {"update": {"rule": "authors", "sign_aware": False, "scale": "fixed", "norm_cap": None}},
     "plain": {"update": {"rule": "plain"}},
 }
