@@ -185,27 +185,16 @@ def _attention(model):
 def _fast(model, prompt, target, steps, dtype, max_rows, rule="riemann"):
     a = arch.arch_of(model)
     L, _ = arch.shape(model)
-    targets = as_ids(target)
-    prompt = answering(prompt, targets, a.causal)
-    ids = torch.tensor([prompt.ids], device=model.device)
-    store, taps = {}, {}
-    seq = ids.shape[1]
-    with (
-        torch.no_grad(),
-        recorded(model, prompt.pos, store, seq),
-        engine.ffn_taps(model, prompt.pos, taps, seq),
-        _autocast(model, dtype),
-    ):
-        out = model(ids, output_hidden_states=True, **engine.cache_kwargs(model))
-    inputs = engine.block_inputs(model, ids, out, len(targets))
-    acts = [store[l][0].float() for l in range(L)]
+    c = _clean_pass(model, a, prompt, target, dtype)
+    ids, out, k, _ = c.clean
+    inputs = engine.block_inputs(model, ids, out, k)
     if max_rows is None:
         max_rows = row_budget(model, ids.shape[1], dtype)
     alphas, weights = quadrature(rule, steps, model.device)
     grads = []
     for group in layer_groups(L, steps, max_rows):
-        grads += _group_grads(model, a, group, taps, inputs, acts, prompt.pos, targets, alphas, dtype)
-    return torch.stack([_integral(g, acts[l], weights) for l, g in enumerate(grads)])
+        grads += _group_grads(model, a, group, c.taps, inputs, c.acts, c.pos, c.targets, alphas, dtype)
+    return torch.stack([_integral(g, c.acts[l], weights) for l, g in enumerate(grads)])
 
 
 def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, targets, alphas, dtype):
