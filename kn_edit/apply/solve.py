@@ -158,10 +158,11 @@ class _Delta:
 
     @torch.no_grad()
     def moments(self, rows: list[_Rows], layer: int) -> None:
-        """Per layer, over every position of `rows`: C = mean a a^T of the selected neurons'
-        activations [n, n], and mean |FFN(x)|^2 (for spread())."""
-        c = {l: 0 for l in self.d}
-        e, n = dict(c), dict(c)
+        """The base model's log-probs at each row's scored positions (`r.base`) and, in the same pass, per
+        layer over every position of `rows`: C = mean a a^T of the selected neurons' activations [n, n],
+        and mean |FFN(x)|^2 (for spread())."""
+        c = {l: torch.zeros(len(i), len(i), dtype=torch.float64, device=i.device) for l, i in self.idx.items()}
+        e, n = dict.fromkeys(self.d, 0.0), dict.fromkeys(self.d, 0)
 
         def seen(l, m, args, out):
             a = args[0].flatten(0, -2)[:, self.idx[l]].double()  # [positions, n]
@@ -172,7 +173,7 @@ class _Delta:
         hooks = [arch.value_module(self.model, l).register_forward_hook(lambda m, a, o, l=l: seen(l, m, a, o)) for l in self.d]
         try:
             for r in rows:
-                _logits(self.model, r, layer)
+                r.base = _logits(self.model, r, layer).log_softmax(-1)
         finally:
             for h in hooks:
                 h.remove()
@@ -222,9 +223,8 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
     # preservation rows in small groups, a random share of them per step
     keep_rows = _rows(model, [list(p.ids) for p in keep_prompts], [[p.pos] for p in keep_prompts], layer, 16, causal)
     text_rows = _rows(model, [list(w) for w, _ in text], [list(at) for _, at in text], layer, 1, causal)
-    with torch.no_grad():
-        for r in keep_rows + text_rows:
-            r.base = _logits(model, r, layer).log_softmax(-1)
+    delta = _Delta(model, columns)
+    delta.moments(keep_rows + text_rows, layer)  # the base log-probs, and the spread term's moments
     gen = torch.Generator().manual_seed(s.seed)
 
     def draw(rows, budget, size=lambda r: len(r.base)):
@@ -242,9 +242,6 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
 
     done = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # as last seen, per scored position
 
-    delta = _Delta(model, columns)
-    if s.spread:
-        delta.moments(keep_rows + text_rows, layer)
     hidden = next(iter(delta.d.values())).shape[1]
     unit = float(torch.cat(list(delta.norms.values())).mean()) / math.sqrt(hidden)
     opt = torch.optim.Adam(list(delta.d.values()), lr=s.lr * unit)
