@@ -58,8 +58,15 @@ RULES = {
     "margin1": {"solve": {"margin": 1.0}},
     "keep30": {"solve": {"keep": 30, "text": 30}},
     "all-layers": {"solve": {"min_layer": 0.0, "max_layer": 1.0}},
+    "spread0": {"solve": {"spread": 0, "rise": 1.0, "min_steps": 0}},  # the default before the spread term
+    "stop": {"solve": {"min_steps": 0}},  # stop once every edit prompt is done (the default before min_steps)
     "spread10": {"solve": {"spread": 10}},
-    "spread100": {"solve": {"spread": 100}},
+    "spread100": {"solve": {"spread": 100}},  # the default
+    "spread300": {"solve": {"spread": 300}},
+    "rise1": {"solve": {"rise": 1.0}},
+    "settle40": {"solve": {"min_steps": 40}},
+    "settle80": {"solve": {"min_steps": 80}},
+    "settle160": {"solve": {"steps": 160, "min_steps": 160}},
     "paper": {"update": {"rule": "authors", "sign_aware": False, "scale": "fixed", "norm_cap": None}},
     "plain": {"update": {"rule": "plain"}},
 }
@@ -135,6 +142,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT / "batch-edits")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-relation-facts", action="store_true", help="give the edits no relation_facts (the user adds nothing)")
     ap.add_argument(
         "--erase", metavar="RELATION", help="instead: erase RELATION with the solve, the paper's rule and the control"
     )
@@ -146,25 +154,7 @@ def main():
     t0 = time.time()
     loaded = pipeline.load(args.model, device="cpu")
     model, tok = loaded.model, loaded.tok
-    F = Facts(args.out.with_name("batch-edits-facts.json"), model, tok, args.pararel, sum(PER_REL.values()), args.seed)
-    edited, other = [], []
-    least = PER_REL["keep"] + PER_REL["neighbours"] + 2  # at least 2 edits per edited relation
-    for r in RELATIONS:
-        n = len(F.relation(r)["known"])
-        if n >= least and len(edited) < N_EDITED:
-            edited.append(r)
-        elif n >= 3 and len(other) < N_OTHER:
-            other.append(r)
-        if len(edited) == N_EDITED and len(other) == N_OTHER:
-            break
-    print(f"facts found in {time.time() - t0:.0f}s; edited relations {edited}, other {other}", flush=True)
-    rng = random.Random(args.seed)
-    plan = {}  # relation -> (edits [(s, o, new)], keep [(s, o)], neighbours [(s, o)])
-    for r in edited:
-        k = [tuple(x) for x in F.found[r]["known"]]
-        keep, nb, e = k[: PER_REL["keep"]], k[PER_REL["keep"] : least - 2], k[least - 2 :][: PER_REL["edits"]]
-        plan[r] = ([(s, o, rng.choice([x for x in F.found[r]["objects"] if x != o])) for s, o in e], keep, nb)
-    order = [(r, plan[r][0][i]) for i in range(PER_REL["edits"]) for r in edited if i < len(plan[r][0])]  # round robin
+    F, edited, other, plan, order = planned(args, model, tok, t0)
 
     neighbour_prompts = [p for r in edited for s, _ in plan[r][2] for p in F.prompts(r, s)]
     other_prompts = [p for r in other for s, _ in F.found[r]["known"] for p in F.prompts(r, s)]
@@ -214,6 +204,34 @@ def main():
             _write(args.out, meta, rows)
 
 
+def planned(args, model, tok, t0=None):
+    """The known facts (Facts, kept beside args.out), the edited and other relations, per edited relation
+    (edits [(s, o, new)], keep [(s, o)], neighbours [(s, o)]), and the edits in order [(relation, edit)]
+    (round robin over the relations)."""
+    t0 = time.time() if t0 is None else t0
+    F = Facts(args.out.with_name("batch-edits-facts.json"), model, tok, args.pararel, sum(PER_REL.values()), args.seed)
+    edited, other = [], []
+    least = PER_REL["keep"] + PER_REL["neighbours"] + 2  # at least 2 edits per edited relation
+    for r in RELATIONS:
+        n = len(F.relation(r)["known"])
+        if n >= least and len(edited) < N_EDITED:
+            edited.append(r)
+        elif n >= 3 and len(other) < N_OTHER:
+            other.append(r)
+        if len(edited) == N_EDITED and len(other) == N_OTHER:
+            break
+    print(f"facts found in {time.time() - t0:.0f}s; edited relations {edited}, other {other}", flush=True)
+    rng = random.Random(args.seed)
+    plan = {}  # relation -> (edits [(s, o, new)], keep [(s, o)], neighbours [(s, o)])
+    for r in edited:
+        k = [tuple(x) for x in F.found[r]["known"]]
+        keep, nb, e = k[: PER_REL["keep"]], k[PER_REL["keep"] : least - 2], k[least - 2 :][: PER_REL["edits"]]
+        plan[r] = ([(s, o, rng.choice([x for x in F.found[r]["objects"] if x != o])) for s, o in e], keep, nb)
+    order = [(r, plan[r][0][i]) for i in range(PER_REL["edits"]) for r in edited if i < len(plan[r][0])]  # round robin
+
+    return F, edited, other, plan, order
+
+
 def _row(n, rule, hits, ghits, same, other, probe, model, tok, text, base_ppl) -> dict:
     """One table row: hits per edit on its locate prompts, held-out hits, the kept shares, text perplexity."""
     ppl = safety.perplexity(model, tok, text, True)
@@ -234,7 +252,18 @@ def _row(n, rule, hits, ghits, same, other, probe, model, tok, text, base_ppl) -
 def located(args, F, plan, chosen, model, loaded, cache):
     """The spec of the `chosen` edits (relation, (subject, object, new object)), prepared and located:
     (edits as spec dicts, batch, seconds to locate)."""
-    edits = [
+    edits = spec_edits(F, plan, chosen, getattr(args, "no_relation_facts", False))
+    spec = Spec.model_validate({"model": args.model, "seed": args.seed, "edits": edits, "verify": {"held_out": 1}})
+    batch = prepare(spec)
+    batch.source = loaded.source
+    t = time.time()
+    locate(model, batch.edits, spec.method, None, cache)
+    return edits, batch, time.time() - t
+
+
+def spec_edits(F, plan, chosen, no_given: bool = False) -> list[dict]:
+    """The `chosen` edits as a spec's `edits:` entries, each with its relation's given facts."""
+    return [
         {
             "update": {
                 "relation": r,
@@ -242,17 +271,11 @@ def located(args, F, plan, chosen, model, loaded, cache):
                 "target": o,
                 "new_target": new,
                 "templates": F.found[r]["loc"] + F.found[r]["held"][:1],  # held_out 1: located on loc only
-                "relation_facts": [{"subject": a, "target": b} for a, b in plan[r][1]],
+                "relation_facts": [] if no_given else [{"subject": a, "target": b} for a, b in plan[r][1]],
             }
         }
         for r, (s, o, new) in chosen
     ]
-    spec = Spec.model_validate({"model": args.model, "seed": args.seed, "edits": edits, "verify": {"held_out": 1}})
-    batch = prepare(spec)
-    batch.source = loaded.source
-    t = time.time()
-    locate(model, batch.edits, spec.method, None, cache)
-    return edits, batch, time.time() - t
 
 
 def edit(model, batch, edits, rule, args):
@@ -296,8 +319,10 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
     spec_data = {"model": args.model, "seed": args.seed,
                  "edits": [{"erase": {"relation": r, "templates": temps, "facts": [{"subject": s, "target": o} for s, o in given]}}]}  # fmt: skip
     rows = []
-    for rule in ("solve", "control", "paper"):
-        method = {"erase": {"rule": "paper" if rule == "paper" else "solve"}}
+    for rule in [x for x in args.rules.split(",") if x != "plain"]:
+        control = rule.startswith("control")
+        real = (rule.partition("-")[2] or "solve") if control else rule  # control-RULE: RULE's solve on random neurons
+        method = {"erase": {"rule": "paper"}} if rule == "paper" else {**RULES[real], "erase": {"rule": "solve"}}
         spec = Spec.model_validate({**spec_data, "method": method})
         batch = prepare(spec)
         batch.source = loaded.source
@@ -305,7 +330,7 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
         t = time.time()
         choose(model, batch.edits, spec.method)
         neurons = None
-        if rule == "control":
+        if control:
             neurons = [draw(e.neurons, arch.shape(model)[1], random.Random(args.seed), e.neurons) for e in batch.edits]
         undo = apply(model, batch, spec.method, neurons=neurons, seed=args.seed)
         row = {

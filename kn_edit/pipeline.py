@@ -90,7 +90,8 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     seed = spec.seed if options.seed is None else options.seed
     seed_everything(seed)
     if loaded is None:
-        loaded = load(spec.model.name, spec.model.revision, options.device)
+        with progress.timed("loading the model"):
+            loaded = load(spec.model.name, spec.model.revision, options.device)
         device = loading.pick_device(options.device)
     else:
         device = str(loaded.model.device)
@@ -99,10 +100,12 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     cache_dir = options.cache_dir()
     store = Cache(cache_dir, loaded.source.identity, options.dtype) if cache_dir is not None else None
 
-    locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
-    select = selection(model, method.solve)
-    others = [preserve.same_relation(batch, e, seed=seed) for e in batch.edits] if select != "score" else None
-    batch.warnings += choose(model, batch.edits, method, others)
+    with progress.timed("locating neurons"):
+        locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
+    with progress.timed("choosing neurons"):
+        select = selection(model, method.solve)
+        others = [preserve.same_relation(batch, e, seed=seed) for e in batch.edits] if select != "score" else None
+        batch.warnings += choose(model, batch.edits, method, others)
     undo = None
 
     def edited():
@@ -173,7 +176,7 @@ def write(result: Result, out, force: bool = False, dtype: str = "auto", cache_d
     out = Path(out)
     save_dtype = result.loaded.native_dtype if dtype == "auto" else getattr(torch, dtype)
     protect = protected(result.loaded.source, cache_dir)
-    with progress.phase(f"writing {out}"), checkpoint.staged(out, force, protect) as tmp:
+    with progress.phase(f"writing {out}", "saving the checkpoint"), checkpoint.staged(out, force, protect) as tmp:
         checkpoint.save_model(result.model, result.batch.tok, save_dtype, tmp)
         (tmp / SPEC_COPY).write_text(result.batch.text)
         (tmp / NEURONS).write_text(result.neurons.to_json())

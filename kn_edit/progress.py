@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger("kn_edit")
 _quiet = False
+timings: dict[str, float] = {}  # seconds per phase name in this process, summed (benchmarks/phases.py reads it)
 
 
 def configure(quiet: bool = False, verbose: int = 0) -> None:
@@ -38,13 +40,26 @@ def bar(total: int, desc: str, unit: str = "it"):
 
 
 @contextlib.contextmanager
-def phase(name: str):
-    """A status line while the phase runs (terminal only), and a log line."""
-    log.info(name)
-    if not shown():
+def timed(name: str):
+    """Adds the time the block takes to `timings[name]`, and logs it."""
+    t = time.perf_counter()
+    try:
         yield
-        return
-    from rich.console import Console
+    finally:
+        took = time.perf_counter() - t
+        timings[name] = timings.get(name, 0.0) + took
+        log.info("%s: %.1f s", name, took)
 
-    with Console(stderr=True).status(name):
-        yield
+
+@contextlib.contextmanager
+def phase(name: str, timed_as: str | None = None):
+    """A status line while the phase runs (terminal only), and log lines; timed as `timed_as` (default: name)."""
+    log.info(name)
+    with timed(timed_as or name):
+        if not shown():
+            yield
+            return
+        from rich.console import Console
+
+        with Console(stderr=True).status(name):
+            yield

@@ -155,6 +155,13 @@ class Solve(_Strict):
         "auto: subject for causal LMs, score for masked LMs",
     )
     steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")
+    min_steps: int = Field(
+        80,
+        ge=0,
+        le=10000,
+        description="steps taken even when every edit prompt is done, so the preservation terms undo what the first steps "
+        "overshot (80 = all of the default steps; 0: stop as soon as every edit prompt is done)",
+    )
     lr: float = Field(
         0.1, gt=0, allow_inf_nan=False, description="Adam step per coordinate, in units of a slot's typical coordinate"
     )
@@ -164,16 +171,24 @@ class Solve(_Strict):
         allow_inf_nan=False,
         description="an edit prompt is done when its answer leads (or, erased, trails) every other token by this log-probability",
     )
+    rise: float = Field(
+        1.1,
+        ge=1,
+        le=10,
+        allow_inf_nan=False,
+        description="from half of `steps` on, an edit prompt's weight is multiplied by this after every step until it is "
+        "first done, so that an edit the preservation terms hold back still takes (1: a fixed weight)",
+    )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")
     l2: float = Field(0.01, ge=0, allow_inf_nan=False, description="weight of sum |d|^2 / |v|^2 over the changed slots")
     spread: float = Field(
-        0.0,
+        100.0,
         ge=0,
         allow_inf_nan=False,
         description="weight of the change of the FFN outputs on every position of the plain text and preservation "
-        "prompts, relative to their size (sum over layers of mean |a(x) D|^2 / mean |FFN(x)|^2); 100 measured more "
-        "local for batches of 10-50 edits on SmolLM2, but it failed one of the demo's three edits (README)",
+        "prompts, relative to their size (sum over layers of mean |a(x) D|^2 / mean |FFN(x)|^2); 0: none (README, "
+        "Batch edits, measured)",
     )
     sample: int = Field(32, ge=1, description="preservation prompts per step (and 2x as many text tokens)")
 

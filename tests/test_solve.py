@@ -103,9 +103,17 @@ def test_default_build_solves_the_batch(llama_dir, world, write_spec, tmp_path):
     from conftest import build
 
     spec = {"model": str(llama_dir), "method": {"steps": 4}, "edits": [update_edit(world, "capital", k) for k in (0, 5, 10, 15)]}
+    from kn_edit import progress
+
+    progress.timings.clear()
     report = build(write_spec(spec), tmp_path / "out")
     assert all(e["rule"] == "solve" for e in report["edits"])
     assert report["metrics"]["efficacy"] == 1.0
+    # every phase of the build is timed (benchmarks/phases.py), and nothing else is
+    assert set(progress.timings) == {"loading the model", "locating neurons", "choosing neurons", "measuring the base model",
+                                     "suppressing and amplifying", "the random-neuron control", "plain text and probe prompts, base model",
+                                     "writing the edits", "measuring the edited model", "saving the checkpoint"}  # fmt: skip
+    assert all(t > 0 for t in progress.timings.values())
 
 
 def _cli_build(spec_path, out):
@@ -243,3 +251,54 @@ def test_spread_equals_the_change_of_ffn_outputs_on_every_position(llama_dir, wo
             arch.value_slots(m, l)[delta.idx[l]] = w
         want += float((edited[l] - base[l]).pow(2).sum(-1).mean() / base[l].pow(2).sum(-1).mean())
     assert float(delta.spread()) == pytest.approx(want, rel=1e-3)
+
+
+def test_an_unmet_edit_weighs_more_each_step_until_it_takes(llama_dir, world):
+    """With a spread term strong enough to hold the edits back, a fixed weight leaves them unmet; a
+    weight that rises while an edit prompt is not done (settings.rise) makes every one of them take."""
+    from kn_edit.apply import rules
+
+    loaded = pipeline.load(str(llama_dir), device="cpu")
+    m, tok = loaded.model, loaded.tok
+    goals = []
+    for k in (0, 5, 10):
+        ps, o = _prompts(tok, world, "capital", k)
+        new = next(x for x in world.objects("capital") if x != o)
+        goals.append(S.Goal(ps[:2], new_ids=target_id(tok, ps[0], new, True)))
+    keep = [p for k in range(12) for p in _prompts(tok, world, "language", k)[0][:2]]
+    columns = [(l, i) for l in (2, 3) for i in range(0, 256, 8)]
+    reached = {}
+    for rise in (1.0, 1.25):
+        settings = S.Settings(steps=60, margin=1.0, spread=1e4, rise=rise)
+        deltas, stats = S.solve(m, columns, goals, keep, settings=settings, causal=True)
+        with rules.restored(m, columns):
+            rules.write(m, deltas)
+            took = [all((int(p.argmax()),) == g.new_ids for p in predict_many(m, g.prompts)) for g in goals]
+        reached[rise] = (stats.reached, all(took))
+    assert reached == {1.0: (False, False), 1.25: (True, True)}, reached
+
+
+def test_min_steps_keep_working_on_preservation_after_the_edits_are_done(llama_dir, world):
+    """An edit done in a few steps stops there by default; with min_steps the solve goes on, the edits stay
+    done and the preservation prompts move back toward the base model."""
+    from kn_edit.apply import rules
+
+    loaded = pipeline.load(str(llama_dir), device="cpu")
+    m, tok = loaded.model, loaded.tok
+    ps, o = _prompts(tok, world, "capital", 0)
+    goals = [S.Goal(ps[:2], new_ids=target_id(tok, ps[0], next(x for x in world.objects("capital") if x != o), True))]
+    keep = [p for k in range(12) for p in _prompts(tok, world, "language", k)[0][:2]]
+    base = [p.clamp_min(1e-30).log() for p in predict_many(m, keep)]
+    columns = [(l, i) for l in (2, 3) for i in range(0, 256, 8)]
+    seen = {}
+    for min_steps in (0, 60):
+        settings = S.Settings(steps=200, margin=1.0, lr=0.5, min_steps=min_steps, sample=len(keep))
+        deltas, stats = S.solve(m, columns, goals, keep, settings=settings, causal=True)
+        with rules.restored(m, columns):
+            rules.write(m, deltas)
+            after = [p.clamp_min(1e-30).log() for p in predict_many(m, keep)]
+            took = all((int(p.argmax()),) == goals[0].new_ids for p in predict_many(m, goals[0].prompts))
+        kl = sum(float((b.exp() * (b - a)).sum()) for b, a in zip(base, after, strict=True)) / len(keep)
+        seen[min_steps] = (stats.steps, stats.reached, took, kl)
+    assert seen[0][0] < 60 and seen[60][0] == 60 and all(s[1] and s[2] for s in seen.values()), seen
+    assert seen[60][3] < 0.5 * seen[0][3], seen

@@ -16,7 +16,10 @@ Objective, minimised with Adam (all edits at once):
                   them is d^T C d with C the slots' activation second moments, computed once)
 
 An edit prompt stops pulling once t' leads every other token by `margin` (log-probability); the
-solve stops when all do. A target of k tokens is read under teacher forcing (plan.prompts.answering):
+solve stops when all do, once it has taken `min_steps` (the preservation terms keep working after the
+edits are done). From half of the steps on, a position that has never been done weighs `rise` times
+more after every step (a multiplier on an unmet constraint), so the preservation terms can slow an
+edit but not stop it. A target of k tokens is read under teacher forcing (plan.prompts.answering):
 -log p(t') is the sum over its tokens, each position stopping once its token leads by the margin
 (then the greedy continuation is t'). An erase pushes down the first token of t alone: once it
 trails, no continuation starts with t (a masked LM: at as many masks as t has). Nothing below the
@@ -67,6 +70,10 @@ class Settings:
     l2: float = 0.01
     spread: float = 0.0
     margin: float = 2.0  # log p(t') - max log p(other) that counts as done
+    rise: float = (
+        1.0  # from step steps // 2 on, an edit position's weight is multiplied by this after every step until it is first done
+    )
+    min_steps: int = 0  # steps taken even when every edit prompt is done (the preservation terms keep working)
     edit_sample: int = 128  # edit prompts per step, at most (drawn afresh each step; all of them when fewer)
     sample: int = 32  # preservation prompts per step (and as many text tokens x 2), drawn afresh each step
     seed: int = 0
@@ -187,7 +194,7 @@ class _Delta:
         return {(l, int(i)): self.d[l][k].detach().clone() for l in self.d for k, i in enumerate(self.idx[l].tolist())}
 
 
-def _edit_loss(model, rows: _Rows, layer: int, target, update, margin: float):
+def _edit_loss(model, rows: _Rows, layer: int, target, update, margin: float, pull=None):
     """(summed loss, done flags) of a group of edit prompts' scored positions: an update pulls each
     token of t' up until it leads every other token by the margin; an erase pushes t down until it
     trails by it."""
@@ -196,7 +203,8 @@ def _edit_loss(model, rows: _Rows, layer: int, target, update, margin: float):
     gold = logp.gather(1, t[:, None])[:, 0]
     others = logp.scatter(1, t[:, None], -math.inf).max(-1).values
     pulling = torch.where(up, gold - others, others - gold) < margin
-    return (torch.where(up, -gold, gold - others) * pulling).sum(), ~pulling
+    w = pulling if pull is None else pulling * pull[rows.idx]
+    return (torch.where(up, -gold, gold - others) * w).sum(), ~pulling
 
 
 @torch.no_grad()
@@ -241,6 +249,8 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
         return picked, 1 / n
 
     done = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # as last seen, per scored position
+    pull = torch.ones(len(target), device=model.device)  # each edit position's weight
+    ever = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # done at some step
 
     hidden = next(iter(delta.d.values())).shape[1]
     unit = float(torch.cat(list(delta.norms.values())).mean()) / math.sqrt(hidden)
@@ -253,13 +263,16 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
             picked = edit_rows if len(reads) <= s.edit_sample else draw(edit_rows, s.edit_sample, size=lambda r: len(r.order))[0]
             n = sum(len(r.order) for r in picked)
             for r in picked:
-                loss, ok = _edit_loss(model, r, layer, target, update, s.margin)
+                loss, ok = _edit_loss(model, r, layer, target, update, s.margin, pull)
                 done[r.idx] = ok
+                ever[r.idx] |= ok
                 if not ok.all():
                     (loss / n).backward()
                 total += float(loss.detach()) / n
-            if done.all() and (len(picked) == len(edit_rows) or _all_done(model, edit_rows, layer, target, update, s.margin)):
-                stats.reached = True
+            stats.reached = bool(done.all()) and (
+                len(picked) == len(edit_rows) or _all_done(model, edit_rows, layer, target, update, s.margin)
+            )
+            if stats.reached and step >= s.min_steps:
                 break
             for rows, weight, budget in ((keep_rows, s.keep, s.sample), (text_rows, s.text, 2 * s.sample)):
                 picked, per = draw(rows, budget) if weight else ([], 0)
@@ -270,7 +283,11 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
             loss = s.l2 * delta.l2() + (s.spread * delta.spread() if s.spread else 0)
             loss.backward()
             opt.step()
+            if step >= s.steps // 2:
+                pull[~ever] *= s.rise  # one that got there once and slips back is pulled at its own weight
             stats.loss.append(total + float(loss.detach()))
             stats.steps = step + 1
             bar.update(1)
+        else:
+            stats.reached = _all_done(model, edit_rows, layer, target, update, s.margin)
     return delta.result(), stats

@@ -42,10 +42,8 @@ def goals(model, batch, e, seed: int = 0) -> list[Goal]:
 
 
 def settings(method, seed: int) -> Settings:
-    s = method.solve
-    return Settings(
-        steps=s.steps, lr=s.lr, keep=s.keep, text=s.text, l2=s.l2, spread=s.spread, margin=s.margin, sample=s.sample, seed=seed
-    )
+    names = ("steps", "min_steps", "lr", "keep", "text", "l2", "spread", "margin", "rise", "sample")
+    return Settings(**{k: getattr(method.solve, k) for k in names}, seed=seed)
 
 
 def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> rules.Snapshot:

@@ -172,7 +172,10 @@ def measure_base(model, batch, method, seed: int, draws: int) -> Baseline:
     with progress.phase("measuring the base model"):
         before = measure(model, edits)
     n = arch.shape(model)[1]
-    with progress.bar(len(edits), "suppressing and amplifying the located neurons", "edit") as bar:
+    with (
+        progress.timed("suppressing and amplifying"),
+        progress.bar(len(edits), "suppressing and amplifying the located neurons", "edit") as bar,
+    ):
         for k, e in enumerate(edits):
             _interventions(model, k, e, before, n, seed, draws)
             bar.update(1)
