@@ -155,12 +155,12 @@ class Solve(_Strict):
         "auto: subject for causal LMs, score for masked LMs",
     )
     steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")
-    min_steps: int = Field(
-        80,
+    min_steps: int | None = Field(
+        None,
         ge=0,
         le=10000,
-        description="steps taken even when every edit prompt is done, so the preservation terms undo what the first steps "
-        "overshot (80 = all of the default steps; 0: stop as soon as every edit prompt is done)",
+        description="steps taken even when every edit prompt is done, so that the preservation terms undo what the first "
+        "steps overshot; default: all steps when the spec erases (an erase is done after one step), 0 otherwise",
     )
     lr: float = Field(
         0.1, gt=0, allow_inf_nan=False, description="Adam step per coordinate, in units of a slot's typical coordinate"
@@ -176,8 +176,8 @@ class Solve(_Strict):
         ge=1,
         le=10,
         allow_inf_nan=False,
-        description="from half of `steps` on, an edit prompt's weight is multiplied by this after every step until it is "
-        "first done, so that an edit the preservation terms hold back still takes (1: a fixed weight)",
+        description="from half of `steps` on, an edit prompt's weight is multiplied by this after every step it is not "
+        "done, so that an edit the preservation terms hold back still takes (1: a fixed weight)",
     )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")

@@ -17,9 +17,9 @@ Objective, minimised with Adam (all edits at once):
 
 An edit prompt stops pulling once t' leads every other token by `margin` (log-probability); the
 solve stops when all do, once it has taken `min_steps` (the preservation terms keep working after the
-edits are done). From half of the steps on, a position that has never been done weighs `rise` times
-more after every step (a multiplier on an unmet constraint), so the preservation terms can slow an
-edit but not stop it. A target of k tokens is read under teacher forcing (plan.prompts.answering):
+edits are done). From half of the steps on, a position not done weighs `rise` times more after
+every step (a multiplier on an unmet constraint), so the preservation terms can slow an edit but
+not stop it. A target of k tokens is read under teacher forcing (plan.prompts.answering):
 -log p(t') is the sum over its tokens, each position stopping once its token leads by the margin
 (then the greedy continuation is t'). An erase pushes down the first token of t alone: once it
 trails, no continuation starts with t (a masked LM: at as many masks as t has). Nothing below the
@@ -70,9 +70,7 @@ class Settings:
     l2: float = 0.01
     spread: float = 0.0
     margin: float = 2.0  # log p(t') - max log p(other) that counts as done
-    rise: float = (
-        1.0  # from step steps // 2 on, an edit position's weight is multiplied by this after every step until it is first done
-    )
+    rise: float = 1.0  # from step steps // 2 on: an edit position's weight x rise after every step it is not done
     min_steps: int = 0  # steps taken even when every edit prompt is done (the preservation terms keep working)
     edit_sample: int = 128  # edit prompts per step, at most (drawn afresh each step; all of them when fewer)
     sample: int = 32  # preservation prompts per step (and as many text tokens x 2), drawn afresh each step
@@ -250,7 +248,6 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
 
     done = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # as last seen, per scored position
     pull = torch.ones(len(target), device=model.device)  # each edit position's weight
-    ever = torch.zeros(len(target), dtype=torch.bool, device=model.device)  # done at some step
 
     hidden = next(iter(delta.d.values())).shape[1]
     unit = float(torch.cat(list(delta.norms.values())).mean()) / math.sqrt(hidden)
@@ -265,7 +262,6 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
             for r in picked:
                 loss, ok = _edit_loss(model, r, layer, target, update, s.margin, pull)
                 done[r.idx] = ok
-                ever[r.idx] |= ok
                 if not ok.all():
                     (loss / n).backward()
                 total += float(loss.detach()) / n
@@ -284,7 +280,7 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
             loss.backward()
             opt.step()
             if step >= s.steps // 2:
-                pull[~ever] *= s.rise  # one that got there once and slips back is pulled at its own weight
+                pull[~done] *= s.rise
             stats.loss.append(total + float(loss.detach()))
             stats.steps = step + 1
             bar.update(1)
