@@ -302,3 +302,13 @@ def test_min_steps_keep_working_on_preservation_after_the_edits_are_done(llama_d
         seen[min_steps] = (stats.steps, stats.reached, took, kl)
     assert seen[0][0] < 60 and seen[60][0] == 60 and all(s[1] and s[2] for s in seen.values()), seen
     assert seen[60][3] < 0.5 * seen[0][3], seen
+
+
+def test_min_steps_unset_means_all_steps_for_a_spec_that_erases_and_none_otherwise():
+    from kn_edit.apply.write import settings
+    from kn_edit.spec import Method
+
+    method = Method.model_validate({"solve": {"steps": 50}})
+    assert (settings(method, 0, erases=True).min_steps, settings(method, 0).min_steps) == (50, 0)
+    method = Method.model_validate({"solve": {"steps": 50, "min_steps": 7}})
+    assert (settings(method, 0, erases=True).min_steps, settings(method, 0).min_steps) == (7, 7)
