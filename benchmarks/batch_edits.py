@@ -278,11 +278,17 @@ def spec_edits(F, plan, chosen, no_given: bool = False) -> list[dict]:
     ]
 
 
+def _parsed(rule: str) -> tuple[bool, str]:
+    """(whether it is a random-neuron control, the rule of RULES it solves with): control-RULE is RULE's solve
+    on random neurons, control the default's."""
+    control = rule.startswith("control")
+    return control, (rule.partition("-")[2] or "solve") if control else rule
+
+
 def edit(model, batch, edits, rule, args):
     """Apply `rule` to the located batch (control-RULE: RULE's solve on as many random neurons of the same
     layers; control: the default's); the undo handle and the number of columns written."""
-    control = rule.startswith("control")
-    real = rule.partition("-")[2] or "solve" if control else rule
+    control, real = _parsed(rule)
     method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
     others = [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits] if method.solve.select != "score" else None
     choose(model, batch.edits, method, others)
@@ -320,8 +326,7 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
                  "edits": [{"erase": {"relation": r, "templates": temps, "facts": [{"subject": s, "target": o} for s, o in given]}}]}  # fmt: skip
     rows = []
     for rule in [x for x in args.rules.split(",") if x != "plain"]:
-        control = rule.startswith("control")
-        real = (rule.partition("-")[2] or "solve") if control else rule  # control-RULE: RULE's solve on random neurons
+        control, real = _parsed(rule)
         method = {"erase": {"rule": "paper"}} if rule == "paper" else {**RULES[real], "erase": {"rule": "solve"}}
         spec = Spec.model_validate({**spec_data, "method": method})
         batch = prepare(spec)

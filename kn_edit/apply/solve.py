@@ -265,11 +265,10 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
                 if not ok.all():
                     (loss / n).backward()
                 total += float(loss.detach()) / n
-            stats.reached = bool(done.all()) and (
-                len(picked) == len(edit_rows) or _all_done(model, edit_rows, layer, target, update, s.margin)
-            )
-            if stats.reached and step >= s.min_steps:
-                break
+            if step >= s.min_steps and done.all():
+                if len(picked) == len(edit_rows) or _all_done(model, edit_rows, layer, target, update, s.margin):
+                    stats.reached = True
+                    break
             for rows, weight, budget in ((keep_rows, s.keep, s.sample), (text_rows, s.text, 2 * s.sample)):
                 picked, per = draw(rows, budget) if weight else ([], 0)
                 for r in picked:

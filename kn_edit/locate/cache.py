@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..model.arch import shape
 from ..model.load import cache_dir
 from .neurons import Located
-from .stage import locate_fact, locate_facts
+from .stage import locate_facts
 
 # Bump when attribution.py, locate.py or neurons.coarse change the numbers they produce.
 ATTRIBUTION_VERSION = 1
@@ -167,21 +167,7 @@ class Cache:
 
     def locate(self, model, fact, method, compute_dtype=None, tick=lambda: None) -> Located:
         """The fact's located neurons: from the cache when a valid entry exists, else computed and stored."""
-        inp = inputs(self.identity, fact, method, self.dtype)
-        key = _digest(inp)
-        got = self._read(key, shape(model))
-        if got is not None:
-            self.hits += 1
-            for _ in fact.prompts:
-                tick()
-            return got
-        self.misses += 1
-        located = locate_fact(model, fact, method, compute_dtype, tick)
-        try:
-            self._write(key, inp, located, {"device": str(next(model.parameters()).device)})
-        except OSError as e:  # a full disk: the build goes on, the entry is computed again next time
-            log.warning("cannot store neuron cache entry %s: %s", self.path(key), e.strerror or e)
-        return located
+        return self.locate_many(model, [fact], method, compute_dtype, tick)[0]
 
     def locate_many(self, model, facts, method, compute_dtype=None, tick=lambda: None) -> list[Located]:
         """`locate` of each fact, those not in the cache located together (stage.locate_facts: with

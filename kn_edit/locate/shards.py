@@ -61,12 +61,8 @@ def locate_shard(spec_path, cache_dir, shard=(0, 1), device="auto", dtype="float
     method = batch.spec.method.locate
     facts = unique_facts(batch, store, method)
     mine = facts[i::n]
-    if method.batch > 1:  # the shard's facts together, `batch` prompts per pass
-        with tqdm(total=sum(len(f.prompts) for f in mine), desc=f"locating (shard {i}/{n})", unit="prompt", disable=None) as bar:
-            store.locate_many(loaded.model, mine, method, DTYPES[dtype], lambda: bar.update(1))
-    else:
-        for f in tqdm(mine, desc=f"locating (shard {i}/{n})", unit="fact", disable=None):
-            store.locate(loaded.model, f, method, DTYPES[dtype])
+    with tqdm(total=sum(len(f.prompts) for f in mine), desc=f"locating (shard {i}/{n})", unit="prompt", disable=None) as bar:
+        store.locate_many(loaded.model, mine, method, DTYPES[dtype], lambda: bar.update(1))  # `batch` prompts per pass
     return {
         "shard": f"{i}/{n}",
         "device": device,

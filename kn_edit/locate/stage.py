@@ -16,18 +16,23 @@ CHUNK_PASSES = 8
 def locate_fact(model, fact, method, dtype=None, tick=lambda: None) -> Located:
     """One fact (plan.batch.Fact): per prompt attribution scores, coarse sets and activations.
     method: spec.Locate; tick() after each prompt."""
+    scores = (
+        attribution.scores(model, p, fact.target_ids, method.steps, method.engine, dtype, method.rule) for p in fact.prompts
+    )
+    return _located(model, fact, scores, method.threshold, tick)
+
+
+def _located(model, fact, scores, threshold: float, tick=lambda: None) -> Located:
+    """The fact's Located from `scores`, an iterator giving each of its prompts' scores in order
+    (summed prompt by prompt, in that order)."""
     sets, total, acts = [], None, None
     for p in fact.prompts:
-        s = attribution.scores(model, p, fact.target_ids, method.steps, method.engine, dtype, method.rule)
+        s = next(scores)
         a, _ = attribution.clean_activations(model, p)
-        sets.append(coarse(s, method.threshold))
+        sets.append(coarse(s, threshold))
         total = s if total is None else total + s
         acts = a if acts is None else acts + a
         tick()
-    return _located(fact, sets, total, acts)
-
-
-def _located(fact, sets, total, acts) -> Located:
     n = len(fact.prompts)
     seen = sorted({x for s in sets for x in s})
     return Located(
@@ -65,23 +70,13 @@ def _locate_chunk(model, facts, method, dtype, tick) -> list[Located]:
     items = [(p, f.target_ids) for f in facts for p in f.prompts]
     ticks = lambda n: [tick() for _ in range(n)]
     scores = iter(attribution.scores_many(model, items, method.steps, method.engine, dtype, method.rule, method.batch, ticks))
-    out = []
-    for f in facts:  # summed prompt by prompt, in order, as locate_fact does
-        sets, total, acts = [], None, None
-        for p in f.prompts:
-            s = next(scores)
-            a, _ = attribution.clean_activations(model, p)
-            sets.append(coarse(s, method.threshold))
-            total = s if total is None else total + s
-            acts = a if acts is None else acts + a
-        out.append(_located(f, sets, total, acts))
-    return out
+    return [_located(model, f, scores, method.threshold) for f in facts]
 
 
 def locate(model, edits, method, dtype=None, store=None) -> None:
     """Fill in each edit's `located` (spec.Method `method`). With `store` (a locate.cache.Cache),
-    facts found there are not recomputed and new ones are stored. With method.locate.batch > 1 the
-    facts of every edit are located first, together (`locate_facts`)."""
+    facts found there are not recomputed and new ones are stored. The facts of every edit are located
+    first (`locate_facts`: with method.locate.batch > 1, together), then refined group by group."""
 
     def groups_of(e):
         # the batch solve needs only the updated fact's neurons; relation_facts serve the
@@ -93,28 +88,17 @@ def locate(model, edits, method, dtype=None, store=None) -> None:
     r = method.refine
     with progress.bar(sum(len(f.prompts) for g in groups for f in g), "locating neurons", "prompt") as bar:
         tick = lambda: bar.update(1)
-        ready = None  # the facts located together beforehand, in the order of the loop below
-        if method.locate.batch > 1:
-            facts = [f for g in groups for f in g]
-            if store is not None:
-                ready = iter(store.locate_many(model, facts, method.locate, dtype, tick))
-            else:
-                ready = iter(locate_facts(model, facts, method.locate, dtype, tick))
-
-        def one(f):
-            if ready is not None:
-                return next(ready)
-            if store is not None:
-                return store.locate(model, f, method.locate, dtype, tick)
-            return locate_fact(model, f, method.locate, dtype, tick)
+        facts = [f for g in groups for f in g]
+        if store is not None:
+            ready = iter(store.locate_many(model, facts, method.locate, dtype, tick))
+        else:
+            ready = iter(locate_facts(model, facts, method.locate, dtype, tick))
 
         for e in edits:
             e.located = []
             for group in groups_of(e):
                 if not group:
                     continue
-                found = []
-                for f in group:
-                    found.append(one(f))
+                found = [next(ready) for _ in group]
                 finish(found, choose_share(found, r.share, r.share_step, *r.target_neurons, r.adaptive_share))
                 e.located += found
