@@ -57,12 +57,15 @@ RULES = {
     "neurons30": {"solve": {"neurons": 30}},
     "margin1": {"solve": {"margin": 1.0}},
     "keep30": {"solve": {"keep": 30, "text": 30}},
+    "keep100": {"solve": {"keep": 100, "text": 100}},
     "all-layers": {"solve": {"min_layer": 0.0, "max_layer": 1.0}},
     "spread0": {"solve": {"spread": 0, "rise": 1.0, "min_steps": 0}},  # the default before the spread term
     "stop": {"solve": {"min_steps": 0}},  # stop once every edit prompt is done (the default before min_steps)
     "spread10": {"solve": {"spread": 10}},
     "spread100": {"solve": {"spread": 100}},  # the default
     "spread300": {"solve": {"spread": 300}},
+    "spread1000": {"solve": {"spread": 1000}},
+    "neurons30-spread300": {"solve": {"neurons": 30, "spread": 300}},
     "rise1": {"solve": {"rise": 1.0}},
     "settle40": {"solve": {"min_steps": 40}},
     "settle80": {"solve": {"min_steps": 80}},
@@ -156,8 +159,10 @@ def main():
     model, tok = loaded.model, loaded.tok
     F, edited, other, plan, order = planned(args, model, tok, t0)
 
-    neighbour_prompts = [p for r in edited for s, _ in plan[r][2] for p in F.prompts(r, s)]
-    other_prompts = [p for r in other for s, _ in F.found[r]["known"] for p in F.prompts(r, s)]
+    neighbours = [(p, o) for r in edited for s, o in plan[r][2] for p in F.prompts(r, s)]
+    others = [(p, o) for r in other for s, o in F.found[r]["known"] for p in F.prompts(r, s)]
+    neighbour_prompts, other_prompts = [p for p, _ in neighbours], [p for p, _ in others]
+    right = {k: [target_id(tok, p, o, True) for p, o in v] for k, v in (("neigh", neighbours), ("other", others))}
     avoid = {s for _, (s, _, _) in order}
     probe = safety.prompts("prompts_probe.txt", tok, True, avoid)
     text = safety.shipped("text_probe.txt")
@@ -195,8 +200,8 @@ def main():
             t_edit = time.time() - t
             hits = [[int(x) == i for x in top1(ps)] for ps, i in zip(loc, new_ids, strict=True)]
             ghits = [int(x) == i for ps, i in zip(held, new_ids, strict=True) for x in top1(ps)]
-            same, other = _kept(base["neigh"], top1(neighbour_prompts)), _kept(base["other"], top1(other_prompts))
-            row = _row(n, rule, hits, ghits, same, other, _kept(base["probe"], top1(probe)), model, tok, text, base_ppl)
+            after = {"neigh": top1(neighbour_prompts), "other": top1(other_prompts), "probe": top1(probe)}
+            row = _row(n, rule, hits, ghits, _kept_all(base, after, right), model, tok, text, base_ppl)
             row |= {"columns": columns, "locate_s": t_locate, "edit_s": t_edit}
             undo.restore()
             rows.append(row)
@@ -232,8 +237,9 @@ def planned(args, model, tok, t0=None):
     return F, edited, other, plan, order
 
 
-def _row(n, rule, hits, ghits, same, other, probe, model, tok, text, base_ppl) -> dict:
-    """One table row: hits per edit on its locate prompts, held-out hits, the kept shares, text perplexity."""
+def _row(n, rule, hits, ghits, kept: dict, model, tok, text, base_ppl) -> dict:
+    """One table row: hits per edit on its locate prompts, held-out hits, the kept shares (_kept_all), text
+    perplexity."""
     ppl = safety.perplexity(model, tok, text, True)
     return {
         "edits": n,
@@ -241,9 +247,7 @@ def _row(n, rule, hits, ghits, same, other, probe, model, tok, text, base_ppl) -
         "efficacy": sum(map(sum, hits)) / sum(map(len, hits)),
         "edits_held": sum(all(h) for h in hits) / n,
         "generalization": sum(ghits) / len(ghits),
-        "same_relation_kept": same,
-        "other_relations_kept": other,
-        "probe_kept": probe,
+        **kept,
         "text_ppl": ppl,
         "text_ppl_change": ppl / base_ppl - 1,
     }
@@ -382,17 +386,39 @@ def _kept(before, after) -> float:
     return sum(a == b for a, b in zip(before, after, strict=True)) / len(before)
 
 
+def _right_kept(before, after, right) -> float:
+    """Of the prompts the base model answered right, the share still answered right."""
+    was = [(a, r) for b, a, r in zip(before, after, right, strict=True) if b == r]
+    return sum(a == r for a, r in was) / max(len(was), 1)
+
+
+def _kept_all(base: dict, after: dict, right: dict) -> dict:
+    """Top-1 kept (the benchmark's measure) on the same-relation neighbours, other relations and everyday
+    prompts; and on the first two, of the answers the base model had right, the share still right (a top-1
+    change from a wrong answer to the right one counts against the first, not the second)."""
+    return {
+        "same_relation_kept": _kept(base["neigh"], after["neigh"]),
+        "other_relations_kept": _kept(base["other"], after["other"]),
+        "probe_kept": _kept(base["probe"], after["probe"]),
+        "same_relation_right_kept": _right_kept(base["neigh"], after["neigh"], right["neigh"]),
+        "other_relations_right_kept": _right_kept(base["other"], after["other"], right["other"]),
+    }
+
+
 def _write(out: Path, meta, rows):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     head = (
         "| edits | rule | efficacy | edits held | held-out generalization | same-relation kept | other relations kept "
-        "| everyday prompts kept | text ppl (change) | columns | edit time |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| right answers kept (same / other) | everyday prompts kept | text ppl (change) | columns | edit time |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
+    right = lambda r: "/".join(
+        f"{r[k]:.0%}" if k in r else "-" for k in ("same_relation_right_kept", "other_relations_right_kept")
+    )  # noqa: E731
     body = "".join(
         f"| {r['edits']} | {r['rule']} | {r['efficacy']:.0%} | {r['edits_held']:.0%} | {r['generalization']:.0%} "
-        f"| {r['same_relation_kept']:.0%} | {r['other_relations_kept']:.0%} | {r['probe_kept']:.0%} "
+        f"| {r['same_relation_kept']:.0%} | {r['other_relations_kept']:.0%} | {right(r)} | {r['probe_kept']:.0%} "
         f"| {_ppl(r['text_ppl'], r['text_ppl_change'])} | {r['columns']} | {r['edit_s']:.0f} s |\n"
         for r in rows
     )

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from batch_edits import OUT, PER_REL, Facts, _kept, _row, _write, cpu_name, edit, located
+from batch_edits import OUT, PER_REL, Facts, _kept_all, _row, _write, cpu_name, edit, located
 
 from kn_edit import pipeline
 from kn_edit.locate.cache import Cache, default_dir
@@ -185,9 +185,9 @@ def main():
         sizes = [n for n in sizes if n <= len(order)]
 
     def answers(facts):
-        """(prompts, answer lengths) of (relation, subject, object) facts, every template."""
-        ps = [(p, len(target_ids(tok, p, o, True))) for r, s, o in facts for p in F.prompts(r, s)]
-        return [p for p, _ in ps], [k for _, k in ps]
+        """(prompts, answer lengths) of (relation, subject, object) facts, every template, and the answers' ids."""
+        ps = [(p, target_ids(tok, p, o, True)) for r, s, o in facts for p in F.prompts(r, s)]
+        return [p for p, _ in ps], [len(t) for _, t in ps], [tuple(t) for _, t in ps]
 
     neigh = answers([(r, s, o) for r in edited for s, o in plan[r][2]])
     avoid = {s for _, (s, _, _) in order}  # facts about an edited subject are not "other relations"
@@ -198,6 +198,8 @@ def main():
     def top1(ps):
         return [int(x.argmax()) for x in predict_many(model, ps)]
 
+    right = {"neigh": neigh[2], "other": others[2]}
+    neigh, others = neigh[:2], others[:2]
     base = {"neigh": says_many(model, *neigh), "other": says_many(model, *others), "probe": top1(probe)}
     base_ppl = safety.perplexity(model, tok, text, True)
     multi_share = lambda ks: sum(k >= K for k in ks) / len(ks)  # noqa: E731
@@ -239,8 +241,8 @@ def main():
                 hits.append(flat[at : at + len(ps)])
                 at += len(ps)
             ghits = starts_many(model, [p for ps in held for p in ps], new_ids(held))
-            same, other = _kept(base["neigh"], says_many(model, *neigh)), _kept(base["other"], says_many(model, *others))
-            row = _row(n, rule, hits, ghits, same, other, _kept(base["probe"], top1(probe)), model, tok, text, base_ppl)
+            after = {"neigh": says_many(model, *neigh), "other": says_many(model, *others), "probe": top1(probe)}
+            row = _row(n, rule, hits, ghits, _kept_all(base, after, right), model, tok, text, base_ppl)
             row |= {"columns": columns, "new_target_tokens": [len(x) for x in new_ids([ps[:1] for ps in loc])]}
             row |= {"locate_s": t_locate, "edit_s": t_edit}
             undo.restore()

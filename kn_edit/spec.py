@@ -391,6 +391,10 @@ GATE_METRICS = {
     "efficacy": "update: success rate on the prompts used to locate (not held out)",
     "intra_kept": "update: share of same-relation neighbour prompts whose top-1 did not change",
     "inter_kept": "update: share of other-relation neighbour prompts whose top-1 did not change",
+    "intra_right_kept": "update: of the same-relation neighbour prompts the base model answered right, the share still "
+    "answered right",
+    "inter_right_kept": "update: of the other-relation neighbour prompts the base model answered right, the share still "
+    "answered right",
     "text_ppl_change": "relative change of perplexity on a plain English text shipped with kn-edit",
     "probe_kept": "share of everyday factual prompts shipped with kn-edit whose top-1 did not change",
     "edits_failed": "edits that do not hold on their own prompts: an update whose located prompts do not all answer "

@@ -70,6 +70,32 @@ def test_update_metrics_by_hand():
     assert m["inter_ppl_before"] == pytest.approx(math.sqrt(2 * 4)) and m["inter_ppl_change"] == pytest.approx(0.0)
 
 
+def test_right_kept_counts_only_the_answers_that_were_right():
+    """Neighbour prompts: right -> right, right -> wrong, wrong -> right, wrong -> other wrong: top-1 kept 1/4,
+    right answers kept 1/2 (of the two that were right, one still is)."""
+    edited = Fact("s", "t", 10, [P(1)])
+    inter = Fact("s3", "v", 12, [P(2), P(3), P(4), P(5)])
+    pr = Probe("update", "r", [edited], [set()], [], [inter], new_ids=(20,))
+    before = {
+        (1,): (10, {10: 0.5, 20: 0.1}),
+        (2,): (12, {12: 0.5}),
+        (3,): (12, {12: 0.5}),
+        (4,): (7, {12: 0.3}),
+        (5,): (7, {12: 0.1}),
+    }
+    after = {
+        (1,): (20, {10: 0.1, 20: 0.6}),
+        (2,): (12, {12: 0.5}),
+        (3,): (9, {12: 0.2}),
+        (4,): (12, {12: 0.4}),
+        (5,): (8, {12: 0.1}),
+    }
+    m = metrics.update_metrics(pr, one(before), one(after))
+    assert m["inter_kept"] == pytest.approx(1 / 4)
+    assert m["inter_right_kept"] == pytest.approx(1 / 2)
+    assert m["intra_kept"] is None and m["intra_right_kept"] is None  # no intra neighbours
+
+
 def test_erase_metrics_by_hand():
     a, b = Fact("a", "x", 1, [P(1), P(2)]), Fact("b", "y", 2, [P(3)])
     other = Fact("c", "z", 3, [P(4)])

@@ -79,7 +79,6 @@ def update_metrics(pr, before: Seen, after: Seen) -> dict:
     held = [k in pr.held[0] for k in range(len(f.prompts))]
     success = [says(x[2], pr.new_ids) for x in a]
     k = len(f.target_ids)
-    ppl = lambda facts, seen: _ppl(_rows(facts, seen))
     m = {
         "change_rate": mean(x[2][k] != y[2][k] for x, y in zip(b, a)),
         "success_rate": mean(success),
@@ -88,17 +87,19 @@ def update_metrics(pr, before: Seen, after: Seen) -> dict:
         "p_target_shift": mean(y[3][f.target_ids] - x[3][f.target_ids] for x, y in zip(b, a)),
         "p_new_shift": mean(y[3][pr.new_ids] - x[3][pr.new_ids] for x, y in zip(b, a)),
     }
-    for name, facts in (("intra", pr.intra), ("inter", pr.inter)):
-        m[f"{name}_kept"] = kept(facts, before, after)
-        m[f"{name}_ppl_before"], m[f"{name}_ppl_after"] = ppl(facts, before), ppl(facts, after)
-        m[f"{name}_ppl_change"] = rel_change(m[f"{name}_ppl_before"], m[f"{name}_ppl_after"])
-    return m
+    return m | _neighbour_metrics(pr.intra, pr.inter, before, after)
 
 
 def kept(facts, before: Seen, after: Seen) -> float | None:
     """Share of the facts' prompts whose answer (of the fact's target length) did not change."""
     k = lambda f: len(f.target_ids)
     return mean(before[p.ids][0][k(f)] == after[p.ids][0][k(f)] for f in facts for p in f.prompts)
+
+
+def right_kept(facts, before: Seen, after: Seen) -> float | None:
+    """Of the facts' prompts whose answer started with the fact's target before, the share that still
+    does (a change from a wrong answer to the right one counts against `kept`, not against this)."""
+    return mean(says(after[p.ids][0], f.target_ids) for f in facts for p in f.prompts if says(before[p.ids][0], f.target_ids))
 
 
 def _acc_ppl(facts, seen):
@@ -197,8 +198,8 @@ def _neighbour_metrics(intra, inter, before: Seen, after: Seen) -> dict:
     out = {}
     for name, facts in (("intra", intra), ("inter", inter)):
         b, a = _ppl(_rows(facts, before)), _ppl(_rows(facts, after))
-        out |= {f"{name}_kept": kept(facts, before, after), f"{name}_ppl_before": b, f"{name}_ppl_after": a,
-                f"{name}_ppl_change": rel_change(b, a)}  # fmt: skip
+        out |= {f"{name}_kept": kept(facts, before, after), f"{name}_right_kept": right_kept(facts, before, after),
+                f"{name}_ppl_before": b, f"{name}_ppl_after": a, f"{name}_ppl_change": rel_change(b, a)}  # fmt: skip
     return out
 
 

@@ -12,8 +12,8 @@ FIGURES = {"layers": "fig_layers.png", "probs": "fig_probs.png", "control": "fig
 # aggregate metrics shown in tables, in this order
 SHOWN = [
     "change_rate", "success_rate", "efficacy", "generalization", "p_target_shift", "p_new_shift",
-    "intra_kept", "intra_ppl_before", "intra_ppl_after", "intra_ppl_change",
-    "inter_kept", "inter_ppl_before", "inter_ppl_after", "inter_ppl_change",
+    "intra_kept", "intra_right_kept", "intra_ppl_before", "intra_ppl_after", "intra_ppl_change",
+    "inter_kept", "inter_right_kept", "inter_ppl_before", "inter_ppl_after", "inter_ppl_change",
     "erase_accuracy_before", "erase_accuracy_after", "erase_ppl_change",
     "erase_other_accuracy_before", "erase_other_accuracy_after", "erase_other_ppl_change",
     "text_ppl_before", "text_ppl_after", "text_ppl_change", "probe_kept",

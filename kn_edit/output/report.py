@@ -69,10 +69,12 @@ class EditMetrics(_Model):
     p_target_shift: Value = None
     p_new_shift: Value = None
     intra_kept: Value = None
+    intra_right_kept: Value = None
     intra_ppl_before: Value = None
     intra_ppl_after: Value = None
     intra_ppl_change: Value = None
     inter_kept: Value = None
+    inter_right_kept: Value = None
     inter_ppl_before: Value = None
     inter_ppl_after: Value = None
     inter_ppl_change: Value = None
