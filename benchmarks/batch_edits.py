@@ -70,6 +70,7 @@ RULES = {
     "settle40": {"solve": {"min_steps": 40}},
     "settle80": {"solve": {"min_steps": 80}},
     "settle160": {"solve": {"steps": 160, "min_steps": 160}},
+    "steps160": {"solve": {"steps": 160}},
     "paper": {"update": {"rule": "authors", "sign_aware": False, "scale": "fixed", "norm_cap": None}},
     "plain": {"update": {"rule": "plain"}},
 }
