@@ -413,9 +413,10 @@ def _write(out: Path, meta, rows):
         "| right answers kept (same / other) | everyday prompts kept | text ppl (change) | columns | edit time |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
-    right = lambda r: "/".join(
-        f"{r[k]:.0%}" if k in r else "-" for k in ("same_relation_right_kept", "other_relations_right_kept")
-    )  # noqa: E731
+
+    def right(r):  # rows measured before the column existed have none
+        return "/".join(f"{r[k]:.0%}" if k in r else "-" for k in ("same_relation_right_kept", "other_relations_right_kept"))
+
     body = "".join(
         f"| {r['edits']} | {r['rule']} | {r['efficacy']:.0%} | {r['edits_held']:.0%} | {r['generalization']:.0%} "
         f"| {r['same_relation_kept']:.0%} | {r['other_relations_kept']:.0%} | {right(r)} | {r['probe_kept']:.0%} "
