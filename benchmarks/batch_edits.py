@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from kn_edit.model import arch
 from kn_edit.plan import pararel
 from kn_edit.plan.batch import prepare
 from kn_edit.plan.prompts import encode, target_id
-from kn_edit.spec import Spec
+from kn_edit.spec import Spec, SpecError
 
 # relations tried in this order (SmolLM2 knows few facts of most PARAREL relations): the first 8 with at least 11
 # known facts are edited (3 given as relation_facts, 6 measured as neighbours, up to 20 edited), up to 6 more
@@ -71,6 +72,8 @@ RULES = {
     "settle80": {"solve": {"min_steps": 80}},
     "settle160": {"solve": {"steps": 160, "min_steps": 160}},
     "steps160": {"solve": {"steps": 160}},
+    "pfacts4": {"solve": {"pararel_facts": 4}},  # 4 PARAREL facts of its relation per edit kept (KL only)
+    "pfacts8": {"solve": {"pararel_facts": 8}},
     "paper": {"update": {"rule": "authors", "sign_aware": False, "scale": "fixed", "norm_cap": None}},
     "plain": {"update": {"rule": "plain"}},
 }
@@ -148,6 +151,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-relation-facts", action="store_true", help="give the edits no relation_facts (the user adds nothing)")
     ap.add_argument(
+        "--no-pool",
+        action="store_true",
+        help="give kn-edit no PARAREL directory (solve.pararel_facts then draws nothing)",
+    )
+    ap.add_argument(
         "--erase", metavar="RELATION", help="instead: erase RELATION with the solve, the paper's rule and the control"
     )
     args = ap.parse_args()
@@ -159,6 +167,7 @@ def main():
     loaded = pipeline.load(args.model, device="cpu")
     model, tok = loaded.model, loaded.tok
     F, edited, other, plan, order = planned(args, model, tok, t0)
+    args.pool = None if args.no_pool else pool(args.pararel, F, edited, other, plan)
 
     neighbours = [(p, o) for r in edited for s, o in plan[r][2] for p in F.prompts(r, s)]
     others = [(p, o) for r in other for s, o in F.found[r]["known"] for p in F.prompts(r, s)]
@@ -238,6 +247,25 @@ def planned(args, model, tok, t0=None):
     return F, edited, other, plan, order
 
 
+def pool(d: Path, F, edited, other, plan) -> Path:
+    """The PARAREL directory kn-edit is given, as a user would give it, less every fact this benchmark
+    measures (the edited relations' neighbours, the other relations' facts): a temporary copy of d's
+    facts, its templates linked."""
+    measured = {(r, s) for r in edited for s, _ in plan[r][2]} | {(r, s) for r in other for s, _ in F.found[r]["known"]}
+    out = Path(tempfile.mkdtemp(prefix="pararel-pool-"))
+    (out / "trex").mkdir()
+    (out / "patterns").symlink_to((Path(d) / "patterns").resolve())
+    for path in sorted((Path(d) / "patterns").glob("P*.jsonl")):
+        r = path.stem
+        try:
+            facts = pararel.facts(d, r)
+        except SpecError:
+            continue
+        rows = [{"sub_label": s, "obj_label": o} for s, o in facts if (r, s) not in measured]
+        (out / "trex" / f"{r}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return out
+
+
 def _row(n, rule, hits, ghits, kept: dict, model, tok, text, base_ppl) -> dict:
     """One table row: hits per edit on its locate prompts, held-out hits, the kept shares (_kept_all), text
     perplexity."""
@@ -259,7 +287,7 @@ def located(args, F, plan, chosen, model, loaded, cache):
     (edits as spec dicts, batch, seconds to locate)."""
     edits = spec_edits(F, plan, chosen, getattr(args, "no_relation_facts", False))
     spec = Spec.model_validate({"model": args.model, "seed": args.seed, "edits": edits, "verify": {"held_out": 1}})
-    batch = prepare(spec)
+    batch = prepare(spec, getattr(args, "pool", None))
     batch.source = loaded.source
     t = time.time()
     locate(model, batch.edits, spec.method, None, cache)
@@ -295,7 +323,7 @@ def edit(model, batch, edits, rule, args):
     layers; control: the default's); the undo handle and the number of columns written."""
     control, real = _parsed(rule)
     method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
-    others = [preserve.same_relation(batch, e, seed=args.seed) for e in batch.edits] if method.solve.select != "score" else None
+    others = preserve.others(batch, method.solve.select, args.seed)
     choose(model, batch.edits, method, others)
     neurons = None
     if control:

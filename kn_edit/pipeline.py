@@ -104,7 +104,7 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
         locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
     with progress.timed("choosing neurons"):
         select = selection(model, method.solve)
-        others = [preserve.same_relation(batch, e, seed=seed) for e in batch.edits] if select != "score" else None
+        others = preserve.others(batch, select, seed)
         batch.warnings += choose(model, batch.edits, method, others)
     undo = None
 
@@ -216,7 +216,9 @@ def verify(folder, spec_path=None, options: RunOptions | None = None) -> Report:
         override, _ = specmod.load(spec_path)
         spec = spec.model_copy(update={"verify": override.verify.model_copy(update={"held_out": spec.verify.held_out})})
     seed_everything(built.seed)
-    batch = prepare(spec, options.pararel or built.pararel, text=text, file=folder / SPEC_COPY)
+    if not any((x.update or x.erase).source == "pararel" for x in spec.edits):
+        spec = spec.model_copy(update={"pararel": None})  # read only by the solve, which a check does not run
+    batch = prepare(spec, options.pararel or built.pararel, text=text, file=folder / SPEC_COPY, solving=False)
     base = load(spec.model.name, spec.model.revision, options.device)
     if base.source.identity != built.base_model:
         raise ModelError(

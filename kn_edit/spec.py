@@ -179,6 +179,13 @@ class Solve(_Strict):
         description="from half of `steps` on, an edit prompt's weight is multiplied by this after every step it is not "
         "done, so that an edit the preservation terms hold back still takes (1: a fixed weight)",
     )
+    pararel_facts: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="with a PARAREL directory (pararel:, --pararel or $KN_EDIT_PARAREL): per update, this many other "
+        "facts of its relation drawn from it keep their answers (KL term only)",
+    )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")
     l2: float = Field(0.01, ge=0, allow_inf_nan=False, description="weight of sum |d|^2 / |v|^2 over the changed slots")
@@ -516,7 +523,11 @@ def legacy_gates(data) -> tuple[object, list[tuple[str, str]]]:
 class Spec(_Strict):
     model: ModelRef
     hub: Hub | None = Field(None, description="where `kn-edit build --push-to-hub` publishes (optional)")
-    pararel: str | None = Field(None, description="PARAREL directory for source: pararel edits (relative to the spec file)")
+    pararel: str | None = Field(
+        None,
+        description="PARAREL directory for source: pararel edits and solve.pararel_facts (relative to the spec file; "
+        "default: $KN_EDIT_PARAREL)",
+    )
     seed: int = Field(0, description="seeds everything random (controls); same spec + model + seed = same bytes")
     method: Method = Field(default_factory=Method)
     edits: list[EditSpec] = Field(min_length=1)

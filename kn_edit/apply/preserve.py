@@ -5,7 +5,9 @@
   keeps answering for other subjects what it answered before (not an erased relation's: it is to be
   forgotten for every subject);
 - everyday factual prompts (data/prompts_preserve.txt);
-- plain English text (data/text_preserve.txt), every position (masked LMs: every 7th token masked).
+- plain English text (data/text_preserve.txt), every position (masked LMs: every 7th token masked);
+- with a PARAREL directory and `solve.pararel_facts`, that many other facts of each update's relation,
+  drawn from it (KL term only: pararel_prompts()).
 
 Never `verify.facts`, the probe prompts or the probe text: those measure the result and stay unseen.
 A prompt naming a subject the spec edits is left out (its answer may rightly change).
@@ -17,6 +19,7 @@ import random
 
 from ..measure.safety import prompts as shipped_prompts
 from ..measure.safety import shipped
+from ..plan import pararel
 from ..plan.prompts import encode
 
 PER_TEMPLATE = 4  # common subjects filled into each edit template
@@ -60,6 +63,11 @@ def same_relation(batch, e, n: int = 8, seed: int = 0) -> list:
     return out
 
 
+def others(batch, select: str, seed: int = 0) -> list | None:
+    """Per edit, its same_relation prompts, for choosing neurons at the subject (None: select score)."""
+    return None if select == "score" else [same_relation(batch, e, seed=seed) for e in batch.edits]
+
+
 def erased_elsewhere(model, batch, e, n: int = 16, seed: int = 0) -> list[tuple]:
     """(prompt, answer id) of erase e's templates filled with common subjects where the base model
     answers with one of the erased facts' targets: the relation's answers for subjects the spec does
@@ -72,6 +80,33 @@ def erased_elsewhere(model, batch, e, n: int = 16, seed: int = 0) -> list[tuple]
     answers = {f.target_ids[0] for f in e.facts}
     top = [int(x.argmax()) for x in predict_many(model, prompts)] if prompts else []
     return [(p, t) for p, t in zip(prompts, top, strict=True) if t in answers]
+
+
+def _unseen(batch) -> set[str]:
+    """Subjects that must not be preserved (lower case): the edited ones, and those of verify.facts,
+    which measure the result."""
+    return _avoid(batch) | {f.subject.lower() for _, f in batch.extra if f.subject}
+
+
+def relation_facts(batch, e, n: int, avoid: set[str], seed: int = 0) -> list:
+    """Update e's first two templates filled with n subjects of its relation drawn (seeded, per edit) from
+    the PARAREL directory, none in `avoid`: the more edits a relation takes, the more of it is kept."""
+    if n <= 0 or e.kind != "update" or not batch.pararel or not e.relation:
+        return []
+    probe = shipped("prompts_probe.txt").lower()  # the safety check's prompts stay unseen
+    try:
+        subjects = sorted({s for s, _ in pararel.facts(batch.pararel, e.relation)} - {None})
+    except Exception:  # noqa: BLE001 - a relation the directory does not have
+        return []
+    subjects = [s for s in subjects if s.lower() not in avoid and s.lower() not in probe]
+    picked = random.Random(f"kn-edit-relation:{seed}:{e.fact.subject}").sample(subjects, min(n, len(subjects)))
+    return _filled(batch, _templates(e)[:2], picked)
+
+
+def pararel_prompts(batch, n: int, seed: int = 0) -> list:
+    """relation_facts() of every update (solve.pararel_facts), for the batch solve's KL term only."""
+    unseen = _unseen(batch)
+    return list({p.ids: p for e in batch.edits for p in relation_facts(batch, e, n, unseen, seed)}.values())
 
 
 def keep_prompts(batch, seed: int = 0) -> list:

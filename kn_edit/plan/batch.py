@@ -109,14 +109,15 @@ class Batch:
     causal: bool
     edits: list[Edit]
     extra: list[tuple[str, Fact]] = field(default_factory=list)  # verify.facts: (relation, fact)
-    pararel: str | None = None  # the PARAREL directory source: pararel edits were read from
+    pararel: str | None = None  # the PARAREL directory given: source: pararel edits, solve.pararel_facts
     solve_stats: object | None = None  # apply.solve.Stats of the batch solve, once applied
     warnings: list[str] = field(default_factory=list)  # for the report and the terminal
 
 
-def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = None, file=None) -> Batch:
+def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = None, file=None, solving: bool = True) -> Batch:
     """A spec file (or a Spec, with the text it came from and its file) checked against its model's
-    tokenizer; no weights are loaded."""
+    tokenizer; no weights are loaded. solving=False: the edits will not be solved (a check of a built
+    checkpoint), so a PARAREL directory is read only for `source: pararel` edits."""
     if isinstance(spec, Spec):
         file = str(file or "<spec>")
         if text is None:
@@ -127,7 +128,7 @@ def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = Non
     src = loading.resolve(spec.model.name, spec.model.revision)
     tok = loading.load_tokenizer(src)
     causal = loading.is_causal(src)
-    edits, used = make(spec, tok, causal, file, pararel_dir)
+    edits, used = make(spec, tok, causal, file, pararel_dir, solving)
     return Batch(spec, text, file, src, tok, causal, edits, facts_of_verify(spec, tok, causal, file), used)
 
 
@@ -161,11 +162,11 @@ def differs(tok, target: str, first, got) -> str:
     return f"{target!r} tokenizes as {pieces(tok, got)} here but as {pieces(tok, first)} in the first prompt"
 
 
-def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None) -> tuple[list[Edit], str | None]:
-    """The edit records, and the PARAREL directory that `source: pararel` edits were read from."""
+def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None, solving=True) -> tuple[list[Edit], str | None]:
+    """The edit records, and the PARAREL directory given (or that `source: pararel` edits were read from)."""
     from . import pararel
 
-    spec, skipped, used = pararel.expand(spec, tok, causal, pararel_dir, file)
+    spec, skipped, used = pararel.expand(spec, tok, causal, pararel_dir, file, solving)
     problems: list[tuple[str, str]] = []
     out = []
     for k, edit in enumerate(spec.edits):

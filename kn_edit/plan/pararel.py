@@ -163,12 +163,15 @@ def _expand_erase(e: Erase, d, tok, causal, file, where) -> tuple[Erase, dict]:
     ), use.skipped
 
 
-def expand(spec: Spec, tok, causal: bool, cli_dir=None, file="<spec>") -> tuple[Spec, list[dict | None], Path | None]:
+def expand(
+    spec: Spec, tok, causal: bool, cli_dir=None, file="<spec>", solving=True
+) -> tuple[Spec, list[dict | None], Path | None]:
     """The spec with every `source: pararel` edit made explicit, per edit the skip counts (None: explicit),
-    and the directory read (None: no edit reads one)."""
-    if not any((x.update or x.erase).source == "pararel" for x in spec.edits):
-        return spec, [None] * len(spec.edits), None
+    and the directory (None: none given and no edit reads one)."""
     base = Path(file).parent if file != "<spec>" else None
+    if not any((x.update or x.erase).source == "pararel" for x in spec.edits):
+        given = solving and (cli_dir or spec.pararel or os.environ.get(ENV))
+        return spec, [None] * len(spec.edits), find_dir(cli_dir, spec.pararel, base, file).resolve() if given else None
     d = find_dir(cli_dir, spec.pararel, base, file)
     out, skipped = [], []
     for k, edit in enumerate(spec.edits):

@@ -1,0 +1,94 @@
+"""What the batch solve keeps beyond the shipped data: with a PARAREL directory, other facts of each
+update's relation (solve.pararel_facts), never an edited subject nor what verify measures."""
+
+import json
+
+import pytest
+
+from kn_edit.apply import preserve
+from kn_edit.plan.batch import prepare
+from kn_edit.spec import SpecError
+
+
+def _pararel(d, facts: dict):
+    (d / "patterns").mkdir(parents=True)
+    (d / "trex").mkdir()
+    for r, rows in facts.items():
+        (d / "patterns" / f"{r}.jsonl").write_text(json.dumps({"pattern": f"[X] is {r} of [Y] ."}) + "\n")
+        (d / "trex" / f"{r}.jsonl").write_text("".join(json.dumps({"sub_label": s, "obj_label": o}) + "\n" for s, o in rows))
+    return d
+
+
+def _update(world, k=0):
+    s, o = world.facts["capital"][k]
+    new = next(x for x in world.objects("capital") if x != o)
+    return {
+        "update": {
+            "relation": "capital",
+            "subject": s,
+            "target": o,
+            "new_target": new,
+            "templates": list(world.templates("capital")),
+        }
+    }
+
+
+def test_pararel_facts_of_the_relation_not_the_edits_nor_what_verify_measures(llama_dir, world, tmp_path, write_spec):
+    facts = world.facts["capital"]
+    d = _pararel(tmp_path / "p", {"capital": facts, "maker": world.facts["maker"]})
+    temps = list(world.templates("capital"))
+    measured = facts[5][0]
+    verify = {"facts": [{"relation": "capital", "templates": temps[:1], "facts": [{"subject": measured, "target": facts[5][1]}]}]}
+    spec = write_spec(
+        {"model": str(llama_dir), "pararel": str(d), "edits": [_update(world, 0), _update(world, 1)], "verify": verify}
+    )
+    batch = prepare(spec)
+    assert batch.pararel == str(d.resolve())
+    got = preserve.pararel_prompts(batch, 30)
+    named = {s for s, _ in facts if any(t.replace("[X]", s).replace(" [Y] .", "") in p.text for p in got for t in temps[:2])}
+    assert named == {s for s, _ in facts} - {facts[0][0], facts[1][0], measured}  # all the others, both edits drawing
+    assert all(not any(m in p.text for m, _ in world.facts["maker"]) for p in got)  # its own relation only
+    few = preserve.pararel_prompts(batch, 3)
+    assert 3 <= len(few) <= 2 * 2 * 3 and few == preserve.pararel_prompts(batch, 3)  # seeded: the same draw
+    assert preserve.pararel_prompts(batch, 0) == []
+    plain = prepare(write_spec({"model": str(llama_dir), "edits": [_update(world)]}, "plain.yaml"))
+    assert plain.pararel is None and preserve.pararel_prompts(plain, 30) == []
+
+
+def test_a_named_directory_that_is_missing_is_an_error(llama_dir, world, write_spec):
+    spec = write_spec({"model": str(llama_dir), "pararel": "missing-dir", "edits": [_update(world)]})
+    with pytest.raises(SpecError, match="pararel: PARAREL directory not found"):
+        prepare(spec)
+    assert prepare(spec, solving=False).pararel is None  # a check of a built checkpoint does not read it
+
+
+def test_prompts_kept_by_the_kl_alone_hold_their_answers(llama_dir, world):
+    """near prompts: kept by the KL term as keep prompts are, but outside the spread term's moments."""
+    import torch
+
+    from kn_edit import pipeline
+    from kn_edit.apply import solve as S
+    from kn_edit.measure.predict import predict_many
+    from kn_edit.plan.prompts import encode, target_id
+
+    m, tok = (x := pipeline.load(str(llama_dir), device="cpu")).model, x.tok
+    temps = list(world.templates("capital"))
+    (s, o), rest = world.facts["capital"][0], world.facts["capital"][1:12]
+    ps = [encode(tok, t.replace("[X]", s), True) for t in temps[:2]]
+    goal = S.Goal(ps, new_ids=target_id(tok, ps[0], next(x for x in world.objects("capital") if x != o), True))
+    near = [encode(tok, temps[0].replace("[X]", x), True) for x, _ in rest]
+    base = [int(p.argmax()) for p in predict_many(m, near)]
+    columns = [(l, i) for l in (1, 2) for i in range(0, 256, 4)]
+    kept = {}
+    for with_near in (False, True):
+        st = S.Settings(steps=60, margin=1.0, keep=10)
+        deltas, stats = S.solve(m, columns, [goal], settings=st, causal=True, near=near if with_near else ())
+        assert stats.reached
+        with torch.no_grad():
+            saved = {c: S.arch.value_slots(m, c[0])[c[1]].clone() for c in deltas}
+            for (l, i), d in deltas.items():
+                S.arch.value_slots(m, l)[i] += d
+            kept[with_near] = sum(int(p.argmax()) == b for p, b in zip(predict_many(m, near), base, strict=True))
+            for (l, i), v in saved.items():
+                S.arch.value_slots(m, l)[i] = v
+    assert kept[True] >= kept[False] and kept[True] >= len(near) - 1, kept
