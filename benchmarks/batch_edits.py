@@ -18,9 +18,11 @@ Results go to results/batch-edits.md and .json, rewritten after every row.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -167,7 +169,8 @@ def main():
     loaded = pipeline.load(args.model, device="cpu")
     model, tok = loaded.model, loaded.tok
     F, edited, other, plan, order = planned(args, model, tok, t0)
-    args.pool = None if args.no_pool else pool(args.pararel, F, edited, other, plan)
+    draws = any((RULES.get(_parsed(r)[1]) or {}).get("solve", {}).get("pararel_facts") for r in rules_run)
+    args.pool = pool(args.pararel, F, edited, other, plan) if draws and not args.no_pool else None
 
     neighbours = [(p, o) for r in edited for s, o in plan[r][2] for p in F.prompts(r, s)]
     others = [(p, o) for r in other for s, o in F.found[r]["known"] for p in F.prompts(r, s)]
@@ -253,6 +256,7 @@ def pool(d: Path, F, edited, other, plan) -> Path:
     facts, its templates linked."""
     measured = {(r, s) for r in edited for s, _ in plan[r][2]} | {(r, s) for r in other for s, _ in F.found[r]["known"]}
     out = Path(tempfile.mkdtemp(prefix="pararel-pool-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     (out / "trex").mkdir()
     (out / "patterns").symlink_to((Path(d) / "patterns").resolve())
     for path in sorted((Path(d) / "patterns").glob("P*.jsonl")):
@@ -287,7 +291,8 @@ def located(args, F, plan, chosen, model, loaded, cache):
     (edits as spec dicts, batch, seconds to locate)."""
     edits = spec_edits(F, plan, chosen, getattr(args, "no_relation_facts", False))
     spec = Spec.model_validate({"model": args.model, "seed": args.seed, "edits": edits, "verify": {"held_out": 1}})
-    batch = prepare(spec, getattr(args, "pool", None))
+    batch = prepare(spec)
+    batch.pararel = str(args.pool) if getattr(args, "pool", None) else None  # read by the rules that set pararel_facts
     batch.source = loaded.source
     t = time.time()
     locate(model, batch.edits, spec.method, None, cache)

@@ -29,7 +29,8 @@ class RunOptions(_Options):
     )
     no_cache: bool = Field(False, description="locate every fact afresh and store nothing")
     pararel: Path | None = Field(
-        None, description="PARAREL directory for source: pararel edits (overrides the spec's and $KN_EDIT_PARAREL)"
+        None,
+        description="PARAREL directory for source: pararel edits and solve.pararel_facts (overrides the spec's and $KN_EDIT_PARAREL)",
     )
 
     @field_validator("dtype", mode="before")

@@ -216,8 +216,6 @@ def verify(folder, spec_path=None, options: RunOptions | None = None) -> Report:
         override, _ = specmod.load(spec_path)
         spec = spec.model_copy(update={"verify": override.verify.model_copy(update={"held_out": spec.verify.held_out})})
     seed_everything(built.seed)
-    if not any((x.update or x.erase).source == "pararel" for x in spec.edits):
-        spec = spec.model_copy(update={"pararel": None})  # read only by the solve, which a check does not run
     batch = prepare(spec, options.pararel or built.pararel, text=text, file=folder / SPEC_COPY, solving=False)
     base = load(spec.model.name, spec.model.revision, options.device)
     if base.source.identity != built.base_model:

@@ -183,8 +183,9 @@ class Solve(_Strict):
         0,
         ge=0,
         le=100,
-        description="with a PARAREL directory (pararel:, --pararel or $KN_EDIT_PARAREL): per update, this many other "
-        "facts of its relation drawn from it keep their answers (KL term only)",
+        description="per update, this many other facts of its relation (a PARAREL id such as P36) drawn from the "
+        "PARAREL directory (pararel:, --pararel or $KN_EDIT_PARAREL; needed when this is set) keep their answers "
+        "(KL term only; 0: none)",
     )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")

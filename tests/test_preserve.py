@@ -6,8 +6,14 @@ import json
 import pytest
 
 from kn_edit.apply import preserve
+from kn_edit.plan import pararel
 from kn_edit.plan.batch import prepare
 from kn_edit.spec import SpecError
+
+
+@pytest.fixture(autouse=True)
+def no_env_dir(monkeypatch):
+    monkeypatch.delenv(pararel.ENV, raising=False)
 
 
 def _pararel(d, facts: dict):
@@ -39,14 +45,15 @@ def test_pararel_facts_of_the_relation_not_the_edits_nor_what_verify_measures(ll
     temps = list(world.templates("capital"))
     measured = facts[5][0]
     verify = {"facts": [{"relation": "capital", "templates": temps[:1], "facts": [{"subject": measured, "target": facts[5][1]}]}]}
-    spec = write_spec(
-        {"model": str(llama_dir), "pararel": str(d), "edits": [_update(world, 0), _update(world, 1)], "verify": verify}
-    )
-    batch = prepare(spec)
+    doc = {"model": str(llama_dir), "pararel": str(d), "edits": [_update(world, 0), _update(world, 1)], "verify": verify}
+    assert prepare(write_spec(doc, "off.yaml")).pararel is None  # pararel_facts 0: the directory is not read
+    batch = prepare(write_spec(doc | {"method": {"solve": {"pararel_facts": 4}}}))
     assert batch.pararel == str(d.resolve())
     got = preserve.pararel_prompts(batch, 30)
     named = {s for s, _ in facts if any(t.replace("[X]", s).replace(" [Y] .", "") in p.text for p in got for t in temps[:2])}
-    assert named == {s for s, _ in facts} - {facts[0][0], facts[1][0], measured}  # all the others, both edits drawing
+    edited = (facts[0][0], facts[1][0])
+    assert named == {s for s, _ in facts if not any(a in s for a in edited)} - {measured}  # all the others, both edits drawing
+    assert len(named) >= 10
     assert all(not any(m in p.text for m, _ in world.facts["maker"]) for p in got)  # its own relation only
     few = preserve.pararel_prompts(batch, 3)
     assert 3 <= len(few) <= 2 * 2 * 3 and few == preserve.pararel_prompts(batch, 3)  # seeded: the same draw
@@ -55,14 +62,27 @@ def test_pararel_facts_of_the_relation_not_the_edits_nor_what_verify_measures(ll
     assert plain.pararel is None and preserve.pararel_prompts(plain, 30) == []
 
 
-def test_a_named_directory_that_is_missing_is_an_error(llama_dir, world, write_spec):
-    spec = write_spec({"model": str(llama_dir), "pararel": "missing-dir", "edits": [_update(world)]})
+def test_pararel_facts_need_a_directory_that_is_there(llama_dir, world, write_spec, monkeypatch):
+    facts = {"method": {"solve": {"pararel_facts": 4}}}
+    spec = write_spec({"model": str(llama_dir), "pararel": "missing-dir", "edits": [_update(world)]} | facts)
     with pytest.raises(SpecError, match="pararel: PARAREL directory not found"):
         prepare(spec)
-    assert prepare(spec, solving=False).pararel is None  # a check of a built checkpoint does not read it
+    assert prepare(spec, solving=False).pararel is None  # a check of a built checkpoint, a locate: not read
+    with pytest.raises(SpecError, match="pararel_facts is set but no PARAREL directory is given"):
+        prepare(write_spec({"model": str(llama_dir), "edits": [_update(world)]} | facts, "none.yaml"))
+    monkeypatch.setenv(pararel.ENV, "/nowhere/at/all")  # a stale variable breaks nothing that does not read it
+    assert prepare(write_spec({"model": str(llama_dir), "edits": [_update(world)]}, "plain.yaml")).pararel is None
 
 
-def test_prompts_kept_by_the_kl_alone_hold_their_answers(llama_dir, world):
+def test_a_relation_the_directory_lacks_is_a_warning(llama_dir, world, tmp_path, write_spec):
+    d = _pararel(tmp_path / "p", {"maker": world.facts["maker"]})
+    doc = {"model": str(llama_dir), "pararel": str(d), "edits": [_update(world)], "method": {"solve": {"pararel_facts": 4}}}
+    batch = prepare(write_spec(doc))
+    assert preserve.pararel_prompts(batch, 4) == []
+    assert len(batch.warnings) == 1 and "relation 'capital' has no facts in the PARAREL directory" in batch.warnings[0]
+
+
+def test_prompts_kept_by_the_kl_alone_hold_their_answers(llama_dir, world, monkeypatch):
     """near prompts: kept by the KL term as keep prompts are, but outside the spread term's moments."""
     import torch
 
@@ -79,7 +99,9 @@ def test_prompts_kept_by_the_kl_alone_hold_their_answers(llama_dir, world):
     near = [encode(tok, temps[0].replace("[X]", x), True) for x, _ in rest]
     base = [int(p.argmax()) for p in predict_many(m, near)]
     columns = [(l, i) for l in (1, 2) for i in range(0, 256, 4)]
-    kept = {}
+    kept, seen = {}, []
+    moments = S._Delta.moments
+    monkeypatch.setattr(S._Delta, "moments", lambda self, rows, layer: seen.append(len(rows)) or moments(self, rows, layer))
     for with_near in (False, True):
         st = S.Settings(steps=60, margin=1.0, keep=10)
         deltas, stats = S.solve(m, columns, [goal], settings=st, causal=True, near=near if with_near else ())
@@ -92,3 +114,4 @@ def test_prompts_kept_by_the_kl_alone_hold_their_answers(llama_dir, world):
             for (l, i), v in saved.items():
                 S.arch.value_slots(m, l)[i] = v
     assert kept[True] >= kept[False] and kept[True] >= len(near) - 1, kept
+    assert seen[0] == seen[1]  # not in the spread term's moments

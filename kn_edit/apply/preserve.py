@@ -6,8 +6,8 @@
   forgotten for every subject);
 - everyday factual prompts (data/prompts_preserve.txt);
 - plain English text (data/text_preserve.txt), every position (masked LMs: every 7th token masked);
-- with a PARAREL directory and `solve.pararel_facts`, that many other facts of each update's relation,
-  drawn from it (KL term only: pararel_prompts()).
+- with a PARAREL directory and `solve.pararel_facts`, that many other facts of each update's relation
+  (a PARAREL relation id such as P36), drawn from it (KL term only: pararel_prompts()).
 
 Never `verify.facts`, the probe prompts or the probe text: those measure the result and stay unseen.
 A prompt naming a subject the spec edits is left out (its answer may rightly change).
@@ -16,14 +16,18 @@ A prompt naming a subject the spec edits is left out (its answer may rightly cha
 from __future__ import annotations
 
 import random
+import re
+from functools import cache
 
 from ..measure.safety import prompts as shipped_prompts
 from ..measure.safety import shipped
 from ..plan import pararel
 from ..plan.prompts import encode
+from ..spec import SpecError
 
 PER_TEMPLATE = 4  # common subjects filled into each edit template
 MAX_PROMPTS = 400  # preservation prompts, at most (a seeded sample)
+MAX_DRAWN = 1000  # prompts of facts drawn from PARAREL, at most
 WINDOW = 64  # tokens per window of plain text
 MASK_EVERY = 7
 
@@ -88,25 +92,43 @@ def _unseen(batch) -> set[str]:
     return _avoid(batch) | {f.subject.lower() for _, f in batch.extra if f.subject}
 
 
-def relation_facts(batch, e, n: int, avoid: set[str], seed: int = 0) -> list:
-    """Update e's first two templates filled with n subjects of its relation drawn (seeded, per edit) from
-    the PARAREL directory, none in `avoid`: the more edits a relation takes, the more of it is kept."""
-    if n <= 0 or e.kind != "update" or not batch.pararel or not e.relation:
+@cache
+def _subjects_of(d: str, relation: str) -> tuple[str, ...]:
+    return tuple(sorted({s for s, _ in pararel.facts(d, relation)}))
+
+
+def drawn_facts(batch, e, n: int, avoid: set[str], seed: int = 0) -> list:
+    """Update e's first two templates filled with n subjects of its relation drawn (seeded, per edit)
+    from the PARAREL directory: the more edits a relation takes, the more of it is kept. Never a
+    subject in `avoid`, one naming an edited subject, or one of the probe prompts'."""
+    if n <= 0 or e.kind != "update" or not batch.pararel:
         return []
-    probe = shipped("prompts_probe.txt").lower()  # the safety check's prompts stay unseen
     try:
-        subjects = sorted({s for s, _ in pararel.facts(batch.pararel, e.relation)} - {None})
-    except Exception:  # noqa: BLE001 - a relation the directory does not have
+        subjects = _subjects_of(batch.pararel, e.relation)
+    except SpecError:
+        batch.warnings.append(
+            f"edit {e.index + 1} ({e.fact.subject}): relation {e.relation!r} has no facts in the PARAREL directory; "
+            "solve.pararel_facts drew none for it"
+        )
         return []
-    subjects = [s for s in subjects if s.lower() not in avoid and s.lower() not in probe]
-    picked = random.Random(f"kn-edit-relation:{seed}:{e.fact.subject}").sample(subjects, min(n, len(subjects)))
+    probe = shipped("prompts_probe.txt").lower()
+    edited = _avoid(batch)
+    ok = [
+        s for s in subjects
+        if s.lower() not in avoid and not any(a in s.lower() for a in edited)
+        and not re.search(rf"\b{re.escape(s.lower())}\b", probe)
+    ]  # fmt: skip
+    picked = random.Random(f"kn-edit-relation:{seed}:{e.fact.subject}").sample(ok, min(n, len(ok)))
     return _filled(batch, _templates(e)[:2], picked)
 
 
 def pararel_prompts(batch, n: int, seed: int = 0) -> list:
-    """relation_facts() of every update (solve.pararel_facts), for the batch solve's KL term only."""
+    """drawn_facts() of every update (solve.pararel_facts), for the batch solve's KL term only; at most
+    MAX_DRAWN (a seeded sample)."""
     unseen = _unseen(batch)
-    return list({p.ids: p for e in batch.edits for p in relation_facts(batch, e, n, unseen, seed)}.values())
+    out = list({p.ids: p for e in batch.edits for p in drawn_facts(batch, e, n, unseen, seed)}.values())
+    rng = random.Random(f"kn-edit-drawn:{seed}")
+    return sorted(rng.sample(out, MAX_DRAWN), key=out.index) if len(out) > MAX_DRAWN else out
 
 
 def keep_prompts(batch, seed: int = 0) -> list:

@@ -53,7 +53,7 @@ def locate_shard(spec_path, cache_dir, shard=(0, 1), device="auto", dtype="float
     from ..plan.batch import prepare
 
     i, n = shard
-    batch = prepare(spec_path, pararel_dir)
+    batch = prepare(spec_path, pararel_dir, solving=False)
     seed_everything(batch.spec.seed)
     device = pick_device(device)
     loaded = load(batch.spec.model.name, batch.spec.model.revision, device)

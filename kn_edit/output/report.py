@@ -197,7 +197,7 @@ class Report(_Model):
     metrics: Aggregate | None = None
     gates: Gates | None = None
     warnings: list[str] = Field(default_factory=list)
-    pararel: str | None = None  # the PARAREL directory given (source: pararel edits, solve.pararel_facts)
+    pararel: str | None = None  # the PARAREL directory read (source: pararel edits, solve.pararel_facts)
     verified_from: str | None = None
 
     @classmethod

@@ -109,7 +109,7 @@ class Batch:
     causal: bool
     edits: list[Edit]
     extra: list[tuple[str, Fact]] = field(default_factory=list)  # verify.facts: (relation, fact)
-    pararel: str | None = None  # the PARAREL directory given: source: pararel edits, solve.pararel_facts
+    pararel: str | None = None  # the PARAREL directory read: source: pararel edits, solve.pararel_facts
     solve_stats: object | None = None  # apply.solve.Stats of the batch solve, once applied
     warnings: list[str] = field(default_factory=list)  # for the report and the terminal
 
@@ -117,7 +117,7 @@ class Batch:
 def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = None, file=None, solving: bool = True) -> Batch:
     """A spec file (or a Spec, with the text it came from and its file) checked against its model's
     tokenizer; no weights are loaded. solving=False: the edits will not be solved (a check of a built
-    checkpoint), so a PARAREL directory is read only for `source: pararel` edits."""
+    checkpoint, a locate), so a PARAREL directory is read only for `source: pararel` edits."""
     if isinstance(spec, Spec):
         file = str(file or "<spec>")
         if text is None:
@@ -163,7 +163,7 @@ def differs(tok, target: str, first, got) -> str:
 
 
 def make(spec: Spec, tok, causal: bool, file="<spec>", pararel_dir=None, solving=True) -> tuple[list[Edit], str | None]:
-    """The edit records, and the PARAREL directory given (or that `source: pararel` edits were read from)."""
+    """The edit records, and the PARAREL directory read (source: pararel edits, solve.pararel_facts)."""
     from . import pararel
 
     spec, skipped, used = pararel.expand(spec, tok, causal, pararel_dir, file, solving)

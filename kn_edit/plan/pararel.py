@@ -24,7 +24,7 @@ ENV = "KN_EDIT_PARAREL"
 PAIRS = ("query_pairs.json", "authors/query_pairs.json")
 
 
-def find_dir(cli_dir=None, spec_dir=None, base: Path | None = None, file="<spec>") -> Path:
+def find_dir(cli_dir=None, spec_dir=None, base: Path | None = None, file="<spec>", need="edits use source: pararel") -> Path:
     """The directory to read: command line, then the spec's `pararel` (relative to the spec file), then $KN_EDIT_PARAREL."""
     if cli_dir:
         d, where = Path(cli_dir), "--pararel"
@@ -40,8 +40,7 @@ def find_dir(cli_dir=None, spec_dir=None, base: Path | None = None, file="<spec>
             [
                 (
                     "pararel",
-                    f"edits use source: pararel but no PARAREL directory is given "
-                    f"(set pararel: DIR in the spec, pass --pararel DIR or set {ENV})",
+                    f"{need} but no PARAREL directory is given (set pararel: DIR in the spec, pass --pararel DIR or set {ENV})",
                 )
             ],
         )
@@ -167,11 +166,14 @@ def expand(
     spec: Spec, tok, causal: bool, cli_dir=None, file="<spec>", solving=True
 ) -> tuple[Spec, list[dict | None], Path | None]:
     """The spec with every `source: pararel` edit made explicit, per edit the skip counts (None: explicit),
-    and the directory (None: none given and no edit reads one)."""
+    and the directory read (None: nothing reads one). solving: the edits will be solved, so
+    `solve.pararel_facts` reads the directory too."""
     base = Path(file).parent if file != "<spec>" else None
     if not any((x.update or x.erase).source == "pararel" for x in spec.edits):
-        given = solving and (cli_dir or spec.pararel or os.environ.get(ENV))
-        return spec, [None] * len(spec.edits), find_dir(cli_dir, spec.pararel, base, file).resolve() if given else None
+        if not (solving and spec.method.solve.pararel_facts):
+            return spec, [None] * len(spec.edits), None
+        d = find_dir(cli_dir, spec.pararel, base, file, need="method.solve.pararel_facts is set")
+        return spec, [None] * len(spec.edits), d.resolve()
     d = find_dir(cli_dir, spec.pararel, base, file)
     out, skipped = [], []
     for k, edit in enumerate(spec.edits):
