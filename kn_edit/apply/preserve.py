@@ -97,36 +97,47 @@ def _subjects_of(d: str, relation: str) -> tuple[str, ...]:
     return tuple(sorted({s for s, _ in pararel.facts(d, relation)}))
 
 
-def drawn_facts(batch, e, n: int, avoid: set[str], seed: int = 0) -> list:
-    """Update e's first two templates filled with n subjects of its relation drawn (seeded, per edit)
-    from the PARAREL directory: the more edits a relation takes, the more of it is kept. Never a
-    subject in `avoid`, one naming an edited subject, or one of the probe prompts'."""
-    if n <= 0 or e.kind != "update" or not batch.pararel:
-        return []
+def _drawable(batch, relation: str, avoid: set[str]) -> list[str] | None:
+    """The subjects of `relation` in the PARAREL directory that may be drawn (None: it has none): never
+    one in `avoid`, one naming an edited subject, or one of the probe prompts'."""
     try:
-        subjects = _subjects_of(batch.pararel, e.relation)
+        subjects = _subjects_of(batch.pararel, relation)
     except SpecError:
+        return None
+    probe, edited = shipped("prompts_probe.txt").lower(), _avoid(batch)
+    return [
+        s for s in subjects
+        if s.lower() not in avoid and not any(a in s.lower() for a in edited)
+        and not re.search(rf"\b{re.escape(s.lower())}\b", probe)
+    ]  # fmt: skip
+
+
+def drawn_facts(batch, e, n: int, subjects: list[str] | None, seed: int = 0) -> list:
+    """Update e's first two templates filled with n of `subjects` (its relation's, _drawable()), drawn
+    seeded per edit: the more edits a relation takes, the more of it is kept."""
+    if subjects is None:
         batch.warnings.append(
             f"edit {e.index + 1} ({e.fact.subject}): relation {e.relation!r} has no facts in the PARAREL directory; "
             "solve.pararel_facts drew none for it"
         )
         return []
-    probe = shipped("prompts_probe.txt").lower()
-    edited = _avoid(batch)
-    ok = [
-        s for s in subjects
-        if s.lower() not in avoid and not any(a in s.lower() for a in edited)
-        and not re.search(rf"\b{re.escape(s.lower())}\b", probe)
-    ]  # fmt: skip
-    picked = random.Random(f"kn-edit-relation:{seed}:{e.fact.subject}").sample(ok, min(n, len(ok)))
+    picked = random.Random(f"kn-edit-relation:{seed}:{e.fact.subject}").sample(subjects, min(n, len(subjects)))
     return _filled(batch, _templates(e)[:2], picked)
 
 
 def pararel_prompts(batch, n: int, seed: int = 0) -> list:
     """drawn_facts() of every update (solve.pararel_facts), for the batch solve's KL term only; at most
     MAX_DRAWN (a seeded sample)."""
-    unseen = _unseen(batch)
-    out = list({p.ids: p for e in batch.edits for p in drawn_facts(batch, e, n, unseen, seed)}.values())
+    if n <= 0 or not batch.pararel:
+        return []
+    unseen, pool = _unseen(batch), {}
+    out = []
+    for e in batch.edits:
+        if e.kind == "update":
+            if e.relation not in pool:
+                pool[e.relation] = _drawable(batch, e.relation, unseen)
+            out += drawn_facts(batch, e, n, pool[e.relation], seed)
+    out = list({p.ids: p for p in out}.values())
     rng = random.Random(f"kn-edit-drawn:{seed}")
     return sorted(rng.sample(out, MAX_DRAWN), key=out.index) if len(out) > MAX_DRAWN else out
 
