@@ -312,3 +312,84 @@ def test_min_steps_unset_means_all_steps_for_a_spec_that_erases_and_none_otherwi
     assert (settings(method, 0, erases=True).min_steps, settings(method, 0).min_steps) == (50, 0)
     method = Method.model_validate({"solve": {"steps": 50, "min_steps": 7}})
     assert (settings(method, 0, erases=True).min_steps, settings(method, 0).min_steps) == (7, 7)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "least-squares"])
+def test_both_optimizers_take_and_change_only_the_selected_slots(llama_dir, world, optimizer):
+    from kn_edit.apply import rules
+
+    loaded = pipeline.load(str(llama_dir), device="cpu")
+    m, tok = loaded.model, loaded.tok
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    goals = []
+    for k in (0, 5, 10):
+        ps, o = _prompts(tok, world, "capital", k)
+        new = next(x for x in world.objects("capital") if x != o)
+        goals.append(S.Goal(ps[:2], new_ids=target_id(tok, ps[0], new, True)))
+    columns = [(l, i) for l in (2, 3) for i in range(0, 256, 8)]
+    # least squares with these same-relation prompts held as penalties stalls short of the margin
+    keep = [p for k in (1, 2, 3) for p in _prompts(tok, world, "capital", k)[0]] if optimizer == "adam" else []
+    settings = S.Settings(steps=200, margin=1.0, spread=100.0, rise=1.1, optimizer=optimizer)
+    deltas, stats = S.solve(m, columns, goals, keep, settings=settings, causal=True)
+    assert stats.reached and set(deltas) == set(columns)
+    rules.write(m, deltas)
+    for g in goals:
+        assert all((int(p.argmax()),) == g.new_ids for p in predict_many(m, g.prompts))
+    changed = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {arch.value_param_name(m, 2), arch.value_param_name(m, 3)}
+
+
+def test_jacobian_equals_each_position_alone(llama_dir, world):
+    """_jacobian's per-position gradients (one backward per answer token over a whole group) equal the
+    gradient of each position's f computed alone through the solve's own hooks."""
+    loaded = pipeline.load(str(llama_dir), device="cpu")
+    m, tok = loaded.model, loaded.tok
+    ps, o = _prompts(tok, world, "capital", 0)
+    two = tuple(tok(" city3 city4", add_special_tokens=False).input_ids)
+    goals = [S.Goal(ps[:2], new_ids=two), S.Goal(ps[2:3], old_ids=(target_id(tok, ps[0], o, True),))]
+    reads = [r for g in goals for r in g.reads(True)]
+    target = torch.tensor([t for _, ids in reads for t in ids])
+    update = torch.tensor([len(ids) == 2 for _, ids in reads for _ in ids])
+    seqs, scored = [list(p.ids) for p, _ in reads], [list(range(p.pos, p.pos + len(ids))) for p, ids in reads]
+    columns = [(l, i) for l in (1, 3) for i in range(0, 256, 16)]
+    delta = S._Delta(m, columns)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for d in delta.d.values():
+            d.normal_(0, 0.05)
+    (rows,) = S._rows(m, seqs, scored, 1, 32, True)
+    f, g = S._jacobian(m, rows, 1, delta, target[rows.idx], update[rows.idx])
+    assert len(f) == 5  # 2 prompts x 2 tokens + 1 erased first token
+    with delta:
+        logp = S._logits(m, rows, 1).log_softmax(-1)
+    for p in range(len(f)):
+        t = int(target[rows.idx[p]])
+        rest = torch.cat([logp[p, :t], logp[p, t + 1 :]])
+        want = logp[p, t] - rest.logsumexp(0) if update[rows.idx[p]] else rest.max() - logp[p, t]
+        torch.testing.assert_close(f[p], want.detach(), rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(want, [delta.d[l] for l in (1, 3)], retain_graph=True)
+        for l, gr in zip((1, 3), grads, strict=True):
+            torch.testing.assert_close(g[l][p], gr, rtol=1e-4, atol=1e-6)
+
+
+def test_gauss_newton_step_is_the_constrained_minimum():
+    """Against the KKT system of min E^T (M (x) I) E subject to G E = gap + G d, solved whole."""
+    torch.manual_seed(0)
+    P, H, sizes = 4, 3, {0: 2, 5: 3}
+    g = {l: torch.randn(P, n, H, dtype=torch.float64) for l, n in sizes.items()}
+    d = {l: torch.randn(n, H, dtype=torch.float64) for l, n in sizes.items()}
+    metric = {}
+    for l, n in sizes.items():
+        a = torch.randn(n, n, dtype=torch.float64)
+        metric[l] = a @ a.T + torch.eye(n, dtype=torch.float64)
+    gap = torch.rand(P, dtype=torch.float64)
+    got = S._gauss_newton({l: x.float() for l, x in g.items()}, {l: x.float() for l, x in d.items()},
+                          {l: torch.linalg.inv(x).float() for l, x in metric.items()}, gap.float())  # fmt: skip
+    G = torch.cat([g[l].flatten(1) for l in sizes], 1)  # [P, vars]
+    M = torch.block_diag(*[torch.kron(metric[l], torch.eye(H, dtype=torch.float64)) for l in sizes])
+    n = M.shape[0]
+    kkt = torch.zeros(n + P, n + P, dtype=torch.float64)
+    kkt[:n, :n], kkt[:n, n:], kkt[n:, :n] = 2 * M, G.T, G
+    rhs = torch.cat([torch.zeros(n, dtype=torch.float64), gap + G @ torch.cat([d[l].flatten() for l in sizes])])
+    e = torch.linalg.solve(kkt, rhs)[:n]
+    torch.testing.assert_close(torch.cat([got[l].flatten() for l in sizes]).double(), e, rtol=1e-3, atol=1e-4)
