@@ -76,8 +76,6 @@ RULES = {
     "steps160": {"solve": {"steps": 160}},
     "pfacts4": {"solve": {"pararel_facts": 4}},  # 4 PARAREL facts of its relation per edit kept (KL only)
     "pfacts8": {"solve": {"pararel_facts": 8}},
-    "lsq": {"solve": {"optimizer": "least-squares", "steps": 20}},  # Gauss-Newton, closed-form steps
-    "lsq-c": {"solve": {"optimizer": "least-squares", "steps": 20, "keep": 0, "text": 0}},  # C metric alone
     "paper": {"update": {"rule": "authors", "sign_aware": False, "scale": "fixed", "norm_cap": None}},
     "plain": {"update": {"rule": "plain"}},
 }

@@ -154,12 +154,6 @@ class Solve(_Strict):
         "(upper half); specific: score x how much more it fires there for the fact than for other subjects; "
         "auto: subject for causal LMs, score for masked LMs",
     )
-    optimizer: Literal["adam", "least-squares"] = Field(
-        "adam",
-        description="adam: the objective below minimised by Adam; least-squares: the changes of least size in the "
-        "spread/l2 metric that make every edit prompt done, by Gauss-Newton steps solved in closed form (keep and "
-        "text weights unused; preservation through the spread term's statistics)",
-    )
     steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")
     min_steps: int | None = Field(
         None,

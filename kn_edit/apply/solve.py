@@ -75,7 +75,6 @@ class Settings:
     edit_sample: int = 128  # edit prompts per step, at most (drawn afresh each step; all of them when fewer)
     sample: int = 32  # preservation prompts per step (and as many text tokens x 2), drawn afresh each step
     seed: int = 0
-    optimizer: str = "adam"  # or "least-squares": _least_squares()
 
 
 @dataclass
@@ -240,14 +239,6 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
         for r in near_rows:
             r.base = _logits(model, r, layer).log_softmax(-1)
     keep_rows = keep_rows + near_rows
-    if s.optimizer == "least-squares":
-        # every preservation prompt, and plain text at every 8th position, held by a penalty
-        spaced = [(list(w), list(at)[::8]) for w, at in text]
-        held = _rows(model, [w for w, _ in spaced], [at for _, at in spaced], layer, 8, causal) if s.text else []
-        with torch.no_grad():
-            for r in held:
-                r.base = _logits(model, r, layer).log_softmax(-1)
-        return _least_squares(model, delta, edit_rows, layer, target, update, s, (keep_rows if s.keep else []) + held)
     gen = torch.Generator().manual_seed(s.seed)
 
     def draw(rows, budget, size=lambda r: len(r.base)):
@@ -302,124 +293,4 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
             bar.update(1)
         else:
             stats.reached = _all_done(model, edit_rows, layer, target, update, s.margin)
-    return delta.result(), stats
-
-
-def _jacobian(model, rows: _Rows, layer: int, delta: _Delta, t, up):
-    """For the scored positions of a group of edit prompts, with the slots changed by delta.d: how far
-    each is from done, f = log p(t') - log p(not t') (an update) or max log p(other) - log p(t) (an
-    erase), [P]; and per edited layer l its gradient with respect to delta.d[l], [P, n_l, hidden]."""
-    acts, zs = {}, {}
-
-    def add(l, out, a):
-        acts[l] = a.detach()
-        zs[l] = torch.zeros_like(out, requires_grad=True)  # d f / d z: the FFN output's gradient at each position
-        return out + a @ delta.d[l].detach() + zs[l]
-
-    hooks = [
-        arch.value_module(model, l).register_forward_hook(lambda m, args, out, l=l: add(l, out, args[0][..., delta.idx[l]]))
-        for l in delta.d
-    ]
-    try:
-        with torch.enable_grad():
-            logp = _logits(model, rows, layer).log_softmax(-1)
-    finally:
-        for h in hooks:
-            h.remove()
-    f = _short_of(logp, t, up)
-    row = rows.at[0]
-    # a sequence's k-th scored position (a multi-token answer's k-th token) gets its own backward pass
-    rank = torch.zeros_like(row)
-    for p in range(1, len(row)):
-        rank[p] = rank[p - 1] + 1 if row[p] == row[p - 1] else 0
-    layers = list(delta.d)
-    g = {l: torch.zeros(len(f), *delta.d[l].shape, device=f.device) for l in layers}
-    top = int(rank.max())
-    for k in range(top + 1):
-        sel = rank == k
-        grads = torch.autograd.grad(f[sel].sum(), [zs[l] for l in layers], retain_graph=k < top)
-        for l, gz in zip(layers, grads, strict=True):
-            g[l][sel] = torch.einsum("psn,psh->pnh", acts[l][row[sel]], gz[row[sel]])
-    return f.detach(), g
-
-
-def _distance(model, rows, layer, delta, t, up) -> torch.Tensor:
-    """_jacobian's f alone, without gradients."""
-    with delta:
-        return _short_of(_logits(model, rows, layer).log_softmax(-1), t, up)
-
-
-def _short_of(logp, t, up) -> torch.Tensor:
-    """f per scored position: log p(t') - log p(not t') (an update), max log p(other) - log p(t) (an erase)."""
-    gold = logp.gather(1, t[:, None])[:, 0]
-    rest = logp.scatter(1, t[:, None], -math.inf)
-    return torch.where(up, gold - rest.logsumexp(-1), rest.max(-1).values - gold)
-
-
-def _gauss_newton(g: dict, d: dict, inv: dict, gap: torch.Tensor, soft: torch.Tensor | None = None) -> dict:
-    """The changes E of least size sum_l tr(E_l^T M_l E_l) whose linearised f moves by `gap`: g[l] [P, n_l, H]
-    the gradients of f at the current changes d[l] [n_l, H], inv[l] = M_l^-1. With E = d + step,
-    g . E = gap + g . d; the minimum is E_l = M_l^-1 g_l^T alpha with (sum_l g_l M_l^-1 g_l^T) alpha = gap + g . d.
-    soft [P]: a position's constraint made a penalty |g . E - gap - g . d|^2 / soft (0: a constraint)."""
-    e = gap + sum(torch.einsum("pnh,nh->p", g[l], d[l]) for l in g)
-    y = {l: torch.einsum("nm,pmh->pnh", inv[l], g[l]) for l in g}  # [P, n_l, H]
-    k = sum(torch.einsum("pnh,qnh->pq", g[l], y[l]) for l in g)  # [P, P]
-    k = k + 1e-6 * k.diagonal().mean() * torch.eye(len(k), device=k.device)  # two positions asking the same of one slot
-    if soft is not None:
-        k = k + torch.diag(soft)
-    alpha = torch.linalg.solve(k.double(), e.double()).float()
-    return {l: torch.einsum("p,pnh->nh", alpha, y[l]) for l in g}
-
-
-def _least_squares(model, delta: _Delta, edit_rows: list[_Rows], layer: int, target, update, s: Settings, held=()):
-    """The changes of least size in the solve's metric (spread x C + l2 / |v|^2 per slot, as in the Adam
-    objective) that make every edit position's f reach margin + 0.5, by Gauss-Newton: f linearised at the
-    current changes, the constrained minimum taken in closed form (MEMIT's least squares, restricted to the
-    chosen columns), repeated until every position is done or `steps` is spent. `held`: groups of
-    preservation positions (with .base) whose base top-1 log-odds are held, as a penalty of weight `keep`."""
-    layers = list(delta.d)
-    eye = {l: torch.eye(len(delta.idx[l]), device=model.device) for l in layers}
-    metric = {
-        l: s.spread * delta.c[l] + s.l2 * torch.diag(1 / delta.norms[l].clamp_min(1e-12) ** 2) + 1e-8 * eye[l] for l in layers
-    }
-    inv = {l: torch.linalg.inv(metric[l].double()).float() for l in layers}
-    groups = [(r, target[r.idx], update[r.idx]) for r in edit_rows]
-    keeps = []
-    for r in held:
-        top = r.base.argmax(-1)
-        yes = torch.ones_like(top, dtype=torch.bool)
-        keeps.append((r, top, yes, _short_of(r.base, top, yes)))
-    n_edit = sum(len(t) for _, t, _ in groups)
-    stats = Stats()
-    with progress.bar(s.steps, "solving the batch update (least squares)", "step") as bar:
-        for step in range(s.steps):
-            parts = [_jacobian(model, r, layer, delta, t, up) for r, t, up in groups]
-            parts += [_jacobian(model, r, layer, delta, t, up) for r, t, up, _ in keeps]
-            f = torch.cat([p[0] for p in parts])
-            g = {l: torch.cat([p[1][l] for p in parts]) for l in layers}
-            stats.loss.append(float((s.margin - f[:n_edit]).clamp_min(0).sum()))
-            stats.steps = step
-            if bool((f[:n_edit] >= s.margin).all()):
-                break
-            gap = (s.margin + 0.5 - f[:n_edit]).clamp(0, 4.0)  # at most 4 nats a step; a done position is held where it is
-            soft = None
-            if keeps:
-                base = torch.cat([b for *_, b in keeps])
-                gap = torch.cat([gap, base - f[n_edit:]])
-                diag = sum(torch.einsum("pnh,nm,pmh->p", g[l][:n_edit], inv[l], g[l][:n_edit]) for l in layers).mean()
-                soft = torch.cat([torch.zeros(n_edit), torch.full((len(base),), float(diag) / max(s.keep, 1e-12))])
-            was = {l: delta.d[l].detach().clone() for l in layers}
-            full = _gauss_newton(g, was, inv, gap, soft)
-            short = float(gap[:n_edit].sum())
-            for eta in (1.0, 0.5, 0.25, 0.125):  # the linearisation overshoots: the longest step that gets closer
-                with torch.no_grad():
-                    for l in layers:
-                        delta.d[l].copy_(was[l] + eta * (full[l] - was[l]))
-                    now = torch.cat([_distance(model, r, layer, delta, t, up) for r, t, up in groups])
-                if float((s.margin + 0.5 - now).clamp_min(0).sum()) < short:
-                    break
-            stats.steps = step + 1
-            bar.update(1)
-    with delta:
-        stats.reached = _all_done(model, edit_rows, layer, target, update, s.margin)
     return delta.result(), stats

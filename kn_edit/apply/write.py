@@ -44,7 +44,7 @@ def goals(model, batch, e, seed: int = 0) -> list[Goal]:
 def settings(method, seed: int, erases: bool = False) -> Settings:
     """erases: the batch erases (min_steps unset: then all steps; an erase is done after one)."""
     s = method.solve
-    names = ("steps", "lr", "keep", "text", "l2", "spread", "margin", "rise", "sample", "optimizer")
+    names = ("steps", "lr", "keep", "text", "l2", "spread", "margin", "rise", "sample")
     min_steps = s.min_steps if s.min_steps is not None else (s.steps if erases else 0)
     return Settings(**{k: getattr(s, k) for k in names}, min_steps=min_steps, seed=seed)
 
