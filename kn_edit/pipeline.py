@@ -27,6 +27,7 @@ from .locate.stage import locate
 from .measure import gates, probes, safety
 from .measure.evaluate import judge, measure, measure_base
 from .measure.metrics import aggregate
+from .model import arch
 from .model import load as loading
 from .options import BuildOptions, RunOptions
 from .output import checkpoint
@@ -99,6 +100,12 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     model, method = loaded.model, spec.method
     cache_dir = options.cache_dir()
     store = Cache(cache_dir, loaded.source.identity, options.dtype) if cache_dir is not None else None
+    deeper = [l for l in method.locate.layer_rules if l >= arch.shape(model)[0]]
+    if deeper:
+        L = arch.shape(model)[0]
+        raise specmod.SpecError(
+            batch.file, [("method.locate.layer_rules", f"layer {deeper[0]} is not a layer of this model (it has 0..{L - 1})")]
+        )
 
     with progress.timed("locating neurons"):
         locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)

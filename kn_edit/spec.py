@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,6 +40,37 @@ class ModelRef(_Strict):
 # ---- method, one section per step ---------------------------------------------------------
 
 
+Quadrature = Literal["riemann", "midpoint", "trapezoid", "gauss", "lobatto"]
+LIKE_RIEMANN = Field(
+    None,
+    ge=1,
+    le=10000,
+    description="M: estimate the paper's left Riemann sum of M points instead of the integral, from a rule that "
+    "evaluates both end points (lobatto, trapezoid), by adding (g(0) - g(1)) / 2M (Euler-Maclaurin; README, Integral "
+    "rules). E.g. rule lobatto, steps 6, like_riemann 20: the paper's m = 20 numbers from 6 evaluations",
+)
+
+
+def _steps_fit(rule: str, steps: int, like_riemann: int | None) -> None:
+    if rule in ("trapezoid", "lobatto") and steps < 2:
+        raise ValueError(f"rule {rule} needs steps >= 2 (both end points are evaluated)")
+    if like_riemann is not None and rule not in ("trapezoid", "lobatto"):
+        raise ValueError(f"like_riemann needs rule lobatto or trapezoid (both end points evaluated), not {rule}")
+
+
+class LayerRule(_Strict):
+    """One layer's own quadrature (method.locate.layer_rules)."""
+
+    rule: Quadrature = Field(description="riemann, midpoint, trapezoid, gauss or lobatto")
+    steps: int = Field(ge=1, le=1000, description="gradient evaluations m for this layer")
+    like_riemann: int | None = LIKE_RIEMANN
+
+    @model_validator(mode="after")
+    def _rule_steps(self):
+        _steps_fit(self.rule, self.steps, self.like_riemann)
+        return self
+
+
 class Locate(_Strict):
     """Integrated gradients and the per-prompt (coarse) neuron sets. Everything here decides the
     located neurons, so the neuron cache is keyed by this section."""
@@ -51,10 +82,18 @@ class Locate(_Strict):
         0.2, gt=0, le=1, description="per prompt, keep neurons scoring >= threshold x the prompt's max score"
     )
     engine: Literal["fast", "reference"] = Field("fast", description="attribution engine; both give the same numbers")
-    rule: Literal["riemann", "midpoint", "trapezoid", "gauss"] = Field(
+    rule: Quadrature = Field(
         "riemann",
         description="quadrature of the integrated-gradients integral with `steps` evaluations: riemann (the paper's left "
-        "Riemann sum), midpoint, trapezoid (steps >= 2) or gauss (Gauss-Legendre)",
+        "Riemann sum), midpoint, trapezoid (steps >= 2), gauss (Gauss-Legendre) or lobatto (Gauss-Lobatto, steps >= 2)",
+    )
+    like_riemann: int | None = LIKE_RIEMANN
+    layer_rules: dict[Annotated[int, Field(ge=0)], LayerRule] = Field(
+        {},
+        description="layers (0: the lowest FFN) with their own quadrature, {layer: {rule, steps[, like_riemann]}}; the "
+        "others use rule, steps and like_riemann. E.g. {0: {rule: riemann, steps: 20}} beside rule lobatto, steps 6, "
+        "like_riemann 20: few evaluations where the integrand is smooth, the paper's sum where it is sharp (README, "
+        "Integral rules)",
     )
 
     batch: int = Field(
@@ -67,9 +106,12 @@ class Locate(_Strict):
 
     @model_validator(mode="after")
     def _rule_steps(self):
-        if self.rule == "trapezoid" and self.steps < 2:
-            raise ValueError("rule trapezoid needs steps >= 2 (both end points are evaluated)")
+        _steps_fit(self.rule, self.steps, self.like_riemann)
         return self
+
+    def own_rules(self) -> dict[int, tuple[str, int, int | None]]:
+        """layer_rules as attribution takes them: {layer: (rule, steps, like_riemann)}."""
+        return {l: (r.rule, r.steps, r.like_riemann) for l, r in self.layer_rules.items()}
 
 
 class Refine(_Strict):
@@ -574,6 +616,8 @@ _NOISE = ("list[FactRef]", "int", "str")
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
+        if part == "[key]":  # pydantic's mark of a mapping's key that failed (the key is the part before)
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 

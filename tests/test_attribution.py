@@ -48,21 +48,27 @@ def nodes(rule, m):
         return [(k + 0.5) / m for k in range(m)], [1 / m] * m
     if rule == "trapezoid":
         return [k / (m - 1) for k in range(m)], [(0.5 if k in (0, m - 1) else 1) / (m - 1) for k in range(m)]
+    if rule == "lobatto":  # end points and the roots of P'_{m-1}; weights from the moments int_0^1 x^k = 1/(k+1)
+        inner = np.polynomial.legendre.legroots(np.polynomial.legendre.legder([0] * (m - 1) + [1])) if m > 2 else []
+        a = [0.0] + sorted((float(x) + 1) / 2 for x in inner) + [1.0]
+        w = np.linalg.solve(np.vander(a, increasing=True).T, [1 / (k + 1) for k in range(m)])
+        return a, list(w)
     x, w = np.polynomial.legendre.leggauss(m)
     return list((x + 1) / 2), list(w / 2)
 
 
-def plain(model, p, target, steps, rule="riemann"):
+def plain(model, p, target, steps, rule="riemann", layer_rules=None):
     """The formula with nothing shared: one forward and backward per (layer, step). target: a token,
     or a k-token answer: the product of its tokens' probabilities at positions pos .. pos + k - 1 of
-    the prompt with the answer appended (causal) or k masks (masked), scaling at pos alone."""
+    the prompt with the answer appended (causal) or k masks (masked), scaling at pos alone.
+    layer_rules: {layer: (rule, steps)} for layers with their own."""
     targets = (target,) if isinstance(target, int) else target
     p = answering(p, targets, arch.arch_of(model).causal)
     acts, _ = attribution.clean_activations(model, p)
     ids = torch.tensor([p.ids])
     out = torch.zeros_like(acts)
-    alphas, weights = nodes(rule, steps)
     for l in range(acts.shape[0]):
+        alphas, weights = nodes(*(layer_rules or {}).get(l, (rule, steps)))
         for alpha, w in zip(alphas, weights):
             x = (float(alpha) * acts[l]).requires_grad_(True)
 
@@ -195,9 +201,9 @@ def test_default_rule_is_the_papers_bit_for_bit(kind, monkeypatch):
     seen = []
     real = attribution._group_grads
 
-    def recorded(model, a, layers, taps, inputs, acts, answer_pos, targets, alphas, dtype):
-        grads = real(model, a, layers, taps, inputs, acts, answer_pos, targets, alphas, dtype)
-        seen.append((acts, alphas, grads))
+    def recorded(model, a, layers, taps, inputs, acts, answer_pos, targets, points, dtype):
+        grads = real(model, a, layers, taps, inputs, acts, answer_pos, targets, points, dtype)
+        seen.append((acts, [points[l][0] for l in layers], grads))
         return grads
 
     monkeypatch.setattr(attribution, "_group_grads", recorded)
@@ -207,7 +213,8 @@ def test_default_rule_is_the_papers_bit_for_bit(kind, monkeypatch):
         assert len(seen) == 2
         acts = seen[0][0]
         for _, alphas, _ in seen:
-            assert torch.equal(alphas, torch.arange(7, dtype=torch.float32) / 7)
+            for x in alphas:
+                assert torch.equal(x, torch.arange(7, dtype=torch.float32) / 7)
         grads = [g for _, _, gs in seen for g in gs]
         assert torch.equal(got, torch.stack([g.float().sum(0) * acts[l] / 7 for l, g in enumerate(grads)]))
         assert torch.equal(attribution.scores(model, p, 9, 7, "fast", dtype), attribution.fast(model, p, 9, 7, dtype))
@@ -230,10 +237,36 @@ def test_quadrature_rules():
         assert abs(integral(rule, 5, lambda x: 3 * x + 1) - 2.5) < 1e-6
     assert abs(integral("gauss", 4, lambda x: 8 * x**7) - 1) < 1e-6  # degree 2m - 1
     assert abs(integral("gauss", 4, lambda x: 9 * x**8) - 1) > 1e-6
-    with pytest.raises(ValueError, match="steps >= 2"):
-        attribution.quadrature("trapezoid", 1)
+    assert abs(integral("lobatto", 4, lambda x: 6 * x**5) - 1) < 1e-6  # degree 2m - 3
+    assert abs(integral("lobatto", 4, lambda x: 7 * x**6) - 1) > 1e-6
+    a, w = attribution.quadrature("lobatto", 3)  # Simpson's rule
+    assert a.tolist() == pytest.approx([0, 0.5, 1]) and w.tolist() == pytest.approx([1 / 6, 4 / 6, 1 / 6])
+    for rule in attribution.ENDS:
+        with pytest.raises(ValueError, match="steps >= 2"):
+            attribution.quadrature(rule, 1)
     with pytest.raises(ValueError, match="unknown quadrature rule"):
         attribution.quadrature("simpson", 4)
+
+
+def test_like_riemann_is_the_left_sum_from_fewer_points():
+    """like_riemann M adds (g(0) - g(1)) / 2M to a rule with both end points: on a linear g (where the
+    trapezoid rule is exact) that is the left Riemann sum of M points exactly; on a model it is the
+    paper's sum (riemann, m = 20) within a small fraction of that sum's own distance to the integral."""
+    for rule, m in (("lobatto", 2), ("lobatto", 5), ("trapezoid", 3)):
+        a, w = attribution.quadrature(rule, m, like_riemann=20)
+        f = lambda x: 3 * x - 1
+        assert float((w.double() * f(a.double())).sum()) == pytest.approx(sum(f(k / 20) for k in range(20)) / 20, abs=1e-6)
+    for rule in ("riemann", "midpoint", "gauss"):
+        with pytest.raises(ValueError, match="both end points"):
+            attribution.quadrature(rule, 4, like_riemann=20)
+    model = tiny("llama")
+    p = prompt("llama", 2)
+    paper = attribution.fast(model, p, 9, steps=20)
+    integral = attribution.fast(model, p, 9, steps=48, rule="gauss")
+    like = attribution.fast(model, p, 9, steps=6, rule="lobatto", like_riemann=20)
+    same(like, attribution.reference(model, p, 9, steps=6, rule="lobatto", like_riemann=20))
+    dist = lambda x: float((x - paper).norm() / paper.norm())
+    assert dist(like) < 0.1 * dist(integral)
 
 
 def weighted(rule, m):
@@ -350,6 +383,31 @@ def test_batched_prompts_equal_the_reference(kind, attn):
             for g, ref in zip(got, refs):
                 same(g, ref)
                 assert coarse(g, 0.2) == coarse(ref, 0.2)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_layer_rules_fast_equals_reference_equals_plain(kind):
+    """Layers with their own rule and m (here layer 0 riemann 7, layer 2 midpoint 3, the rest gauss 4):
+    each layer's scores are its own rule's, in the reference (against the plain loop), the fast engine
+    (one group and one layer per group) and several prompts per pass; a layer the model lacks is refused."""
+    model = tiny(kind)
+    own = {0: ("riemann", 7), 2: ("midpoint", 3)}
+    for target in (9, (9, 4)):
+        p = prompt(kind, 2)
+        ref = attribution.reference(model, p, target, steps=4, rule="gauss", layer_rules=own)
+        same(ref, plain(model, p, target, steps=4, rule="gauss", layer_rules=own))
+        for max_rows in (None, 7):
+            same(attribution.fast(model, p, target, steps=4, rule="gauss", layer_rules=own, max_rows=max_rows), ref)
+        # layer by layer, each is the uniform rule's number for that layer
+        for l, (rule, m) in {0: own[0], 1: ("gauss", 4), 2: own[2]}.items():
+            same(ref[l], attribution.reference(model, p, target, steps=m, rule=rule)[l])
+    items = several(kind)
+    for max_rows in (None, 4 * len(items)):
+        got = attribution.fast_many(model, items, steps=4, rule="gauss", layer_rules=own, max_rows=max_rows)
+        for g, (p, t) in zip(got, items, strict=True):
+            same(g, attribution.reference(model, p, t, steps=4, rule="gauss", layer_rules=own))
+    with pytest.raises(ValueError, match="layer 3 is not a layer of this model"):
+        attribution.fast(model, prompt(kind), 9, steps=4, layer_rules={3: ("riemann", 4)})
 
 
 def test_scores_many_keeps_the_order_and_batch_one_is_the_plain_path(monkeypatch):

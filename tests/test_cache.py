@@ -13,7 +13,9 @@ from kn_edit.errors import ShardError
 from kn_edit.locate import attribution
 from kn_edit.locate import cache as cachemod
 from kn_edit.locate.shards import locate_shard, parse_shard
+from kn_edit.model import arch
 from kn_edit.plan.batch import prepare
+from kn_edit.spec import Locate
 
 STEPS = 4
 
@@ -165,6 +167,8 @@ def test_a_default_rule_keeps_the_keys_other_rules_change_them(world, llama_dir,
     keys = {r: a.key(f, method.model_copy(update={"rule": r})) for r in attribution.QUADRATURE}
     assert keys["riemann"] == a.key(f, method)
     assert len(set(keys.values())) == len(attribution.QUADRATURE)
+    own = lambda rule, m: Locate.model_validate({"steps": STEPS, "layer_rules": {0: {"rule": rule, "steps": m}}})
+    assert len({a.key(f, method), a.key(f, own("gauss", 4)), a.key(f, own("gauss", 5)), a.key(f, own("midpoint", 4))}) == 4
 
 
 def test_the_rule_reaches_attribution(world, llama_dir, write_spec):
@@ -183,6 +187,39 @@ def test_the_rule_reaches_attribution(world, llama_dir, write_spec):
     assert got.coarse == [coarse(attribution.fast(model, p, f.target_ids, STEPS, rule="gauss"), 0.2) for p in f.prompts]
     assert got.score == pytest.approx({n: float(gauss[n]) for n in got.score}, rel=1e-5)
     assert got.score != pytest.approx({n: float(paper[n]) for n in got.score}, rel=1e-3)
+
+
+def test_layer_rules_reach_attribution_and_are_checked_against_the_model(world, llama_dir, write_spec, tmp_path):
+    """Located with a layer of its own rule: the scores are attribution's with those layer rules (not
+    the uniform rule's); a layer the model lacks is one line naming the spec file and the field (exit 2)."""
+    from kn_edit.locate.stage import locate_fact
+    from kn_edit.pipeline import load
+
+    own = {"rule": "gauss", "layer_rules": {0: {"rule": "riemann", "steps": STEPS}}}
+    prep = prepare(write_spec(spec_data(world, llama_dir, locate=own)))
+    method = prep.spec.method.locate
+    f = prep.edits[0].facts[0]
+    model = load(str(llama_dir), device="cpu").model
+    got = locate_fact(model, f, method)
+    mean = lambda **kw: sum(attribution.fast(model, p, f.target_ids, **kw) for p in f.prompts) / len(f.prompts)
+    want = mean(steps=STEPS, rule="gauss", layer_rules={0: ("riemann", STEPS)})
+    assert got.score == pytest.approx({n: float(want[n]) for n in got.score}, rel=1e-5)
+    uniform = mean(steps=STEPS, rule="gauss")
+    assert any(l == 0 for l, _ in got.score)  # layer 0 is among the located, so the rule shows
+    assert got.score != pytest.approx({n: float(uniform[n]) for n in got.score}, rel=1e-3)
+    # the activations come from attribution's own clean pass: those of a plain forward pass
+    acts = sum(attribution.clean_activations(model, p)[0] for p in f.prompts) / len(f.prompts)
+    assert got.activation == pytest.approx({n: float(acts[n]) for n in got.activation}, rel=1e-4, abs=1e-6)
+
+    L = arch.shape(model)[0]
+    path = write_spec(spec_data(world, llama_dir, locate={"layer_rules": {L: {"rule": "gauss", "steps": 4}}}))
+    r = CliRunner().invoke(main, ["build", str(path), str(tmp_path / "out"), "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert (
+        r.output.strip()
+        == f"error: {path}: method.locate.layer_rules: layer {L} is not a layer of this model (it has 0..{L - 1})"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_parse_shard():
@@ -295,7 +332,9 @@ def test_batched_locate_finds_the_same_neurons_and_caches_them(world, llama_dir,
     stored, and a second build and a shard find them all."""
     prompts = []
     real = attribution.scores_many
-    monkeypatch.setattr(attribution, "scores_many", lambda m, items, *a: prompts.append(len(items)) or real(m, items, *a))
+    monkeypatch.setattr(
+        attribution, "scores_many", lambda m, items, *a, **k: prompts.append(len(items)) or real(m, items, *a, **k)
+    )
     plain = json.loads(build(write_spec(spec_data(world, llama_dir), "a.yaml"), tmp_path / "a")[1])
     spec = write_spec(spec_data(world, llama_dir, locate={"batch": 3}), "b.yaml")
     cache_dir = tmp_path / "cache"

@@ -116,6 +116,9 @@ def test_method_nested_and_flat_forms_are_the_same():
     assert flat.locate.rule == "riemann"  # the paper's left Riemann sum unless asked
     assert Method.model_validate({"locate": {"rule": "gauss", "steps": 6}}).locate.rule == "gauss"
     assert flat.locate.batch == 1  # one prompt per pass unless asked
+    assert flat.locate.layer_rules == {} and flat.locate.own_rules() == {}
+    own = Method.model_validate({"locate": {"rule": "gauss", "steps": 6, "layer_rules": {"0": {"rule": "riemann", "steps": 20}}}})
+    assert own.locate.own_rules() == {0: ("riemann", 20, None)}
     assert Method.model_validate({"locate": {"batch": 8}}).locate.batch == 8
 
 
@@ -127,9 +130,18 @@ def test_method_nested_and_flat_forms_are_the_same():
         ({"steps": 4, "locate": {"steps": 8}}, "method.steps", "given twice"),
         ({"update": {"scale_max": float("inf")}}, "method.update.scale_max", "finite number"),
         ({"refine": {"sharing": 1}}, "method.refine.sharing", "unknown key"),
-        ({"locate": {"rule": "simpson"}}, "method.locate.rule", "'riemann', 'midpoint', 'trapezoid' or 'gauss'"),
+        ({"locate": {"rule": "simpson"}}, "method.locate.rule", "'riemann', 'midpoint', 'trapezoid', 'gauss' or 'lobatto'"),
         ({"locate": {"rule": "trapezoid", "steps": 1}}, "method.locate", "rule trapezoid needs steps >= 2"),
         ({"locate": {"batch": 0}}, "method.locate.batch", "greater than or equal to 1"),
+        (
+            {"locate": {"layer_rules": {-1: {"rule": "gauss", "steps": 4}}}},
+            "method.locate.layer_rules[-1]",
+            "greater than or equal to 0",
+        ),
+        ({"locate": {"layer_rules": {0: {"rule": "gauss"}}}}, "method.locate.layer_rules[0].steps", "required"),
+        ({"locate": {"layer_rules": {0: {"rule": "trapezoid", "steps": 1}}}}, "method.locate.layer_rules[0]", "steps >= 2"),
+        ({"locate": {"rule": "gauss", "like_riemann": 20}}, "method.locate", "like_riemann needs rule lobatto or trapezoid"),
+        ({"locate": {"rule": "lobatto", "steps": 1}}, "method.locate", "rule lobatto needs steps >= 2"),
     ],
 )
 def test_method_errors_name_the_field_as_written(bert_dir, world, write_spec, method, where, expected):

@@ -13,7 +13,9 @@ scaled together: score_l = a_l * int_0^1 d p(t | activation = alpha a_l) / d act
 integral taken by a quadrature rule of m gradient evaluations, score_l = a_l * sum_k w_k g(alpha_k).
 The paper's (the default, `riemann`): alpha = k/m for k = 0..m-1, w = 1/m (a left Riemann sum, as in
 the authors' released code). The others (`QUADRATURE`) are higher-order rules for the same integral;
-whether fewer evaluations suffice depends on the model (README, Integral rules).
+whether fewer evaluations suffice depends on the model (README, Integral rules). Each layer's integral
+is its own, so a layer may have its own rule and m (`layer_rules`, e.g. more points where the integrand
+is sharp).
 
 Two implementations that give the same numbers:
 - `reference`: the authors' structure. For each layer, a batch of the m scaled copies of the
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..model import arch
 from ..plan.prompts import Prompt, answering, as_ids
 from . import engine
@@ -73,33 +76,67 @@ def recorded(model, pos: int, store: dict, seq: int):
             h.remove()
 
 
-QUADRATURE = ("riemann", "midpoint", "trapezoid", "gauss")
+QUADRATURE = ("riemann", "midpoint", "trapezoid", "gauss", "lobatto")
+ENDS = ("trapezoid", "lobatto")  # the rules that evaluate both end points
 
 
-def quadrature(rule: str, steps: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def quadrature(rule: str, steps: int, device=None, like_riemann: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Points alpha_k in [0, 1] and weights w_k of `rule` with `steps` evaluations, for
     int_0^1 g(alpha) d alpha ~ sum_k w_k g(alpha_k); weights None: all 1/steps.
 
     riemann: alpha = k/m, k = 0..m-1 (the paper's left Riemann sum; error O(1/m));
     midpoint: alpha = (k + 1/2)/m (O(1/m^2)); trapezoid: alpha = k/(m-1), end points weighted
-    1/2 (O(1/m^2), m >= 2); gauss: Gauss-Legendre on [0, 1] (exact for polynomials of degree 2m - 1)."""
+    1/2 (O(1/m^2), m >= 2); gauss: Gauss-Legendre on [0, 1] (exact for polynomials of degree 2m - 1);
+    lobatto: Gauss-Lobatto on [0, 1], both end points among its nodes (exact to degree 2m - 3, m >= 2).
+
+    like_riemann M (a rule of ENDS): the left Riemann sum of M points instead of the integral. That
+    sum is exactly the trapezoid rule on its M + 1 points plus (g(0) - g(1)) / 2M, so adding that
+    end correction to a rule closer to the integral than the trapezoid gives the paper's sum to
+    within the trapezoid's error, (g'(1) - g'(0)) / 12M^2 (Euler-Maclaurin)."""
     if rule in ("riemann", "midpoint"):
+        if like_riemann:
+            raise ValueError(f"like_riemann needs a rule that evaluates both end points ({', '.join(ENDS)})")
         k = torch.arange(steps, device=device, dtype=torch.float32)
         return (k if rule == "riemann" else k + 0.5) / steps, None
     import numpy as np
 
+    if rule in ENDS and steps < 2:
+        raise ValueError(f"the {rule} rule needs steps >= 2")
     if rule == "trapezoid":
-        if steps < 2:
-            raise ValueError("the trapezoid rule needs steps >= 2")
         alpha, w = np.linspace(0.0, 1.0, steps), np.full(steps, 1.0 / (steps - 1))
         w[[0, -1]] /= 2
     elif rule == "gauss":
         x, w = np.polynomial.legendre.leggauss(steps)
         alpha, w = (x + 1) / 2, w / 2
+    elif rule == "lobatto":
+        # nodes: -1, 1 and the roots of P'_{m-1}; weights 2 / (m (m - 1) P_{m-1}(x)^2)
+        p = np.polynomial.legendre.Legendre.basis(steps - 1)
+        x = np.concatenate([[-1.0], np.sort(p.deriv().roots().real), [1.0]]) if steps > 2 else np.array([-1.0, 1.0])
+        alpha, w = (x + 1) / 2, 1.0 / (steps * (steps - 1) * p(x) ** 2)
     else:
         raise ValueError(f"unknown quadrature rule {rule!r} (expected one of {', '.join(QUADRATURE)})")
+    if like_riemann:
+        if rule not in ENDS:
+            raise ValueError(f"like_riemann needs a rule that evaluates both end points ({', '.join(ENDS)})")
+        w = w.copy()
+        w[0] += 1 / (2 * like_riemann)
+        w[-1] -= 1 / (2 * like_riemann)
     as_tensor = lambda v: torch.tensor(v, device=device, dtype=torch.float32)
     return as_tensor(alpha), as_tensor(w)
+
+
+def schedule(
+    L: int, rule: str, steps: int, layer_rules=None, device=None, like_riemann: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per layer, the points and weights of its quadrature: `rule` with `steps` evaluations (and
+    like_riemann), except the layers of layer_rules ({layer: (rule, steps[, like_riemann])})."""
+    own = {int(l): tuple(r) + (None,) * (3 - len(r)) for l, r in (layer_rules or {}).items()}
+    bad = [l for l in own if not 0 <= l < L]
+    if bad:
+        raise InputError(f"method.locate.layer_rules: layer {bad[0]} is not a layer of this model (it has 0..{L - 1})")
+    rest = (rule, steps, like_riemann)
+    made = {r: quadrature(r[0], r[1], device, r[2]) for r in {rest, *own.values()}}
+    return [made[own.get(l, rest)] for l in range(L)]
 
 
 def _integral(grad: torch.Tensor, act: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -134,16 +171,21 @@ def answer_prob(logits: torch.Tensor, pos: int, targets: tuple[int, ...]) -> tor
     return p
 
 
-def reference(model, prompt: Prompt, target, steps: int = 20, rule: str = "riemann") -> torch.Tensor:
+def reference(
+    model, prompt: Prompt, target, steps: int = 20, rule: str = "riemann", layer_rules=None, like_riemann=None
+) -> torch.Tensor:
     """[L, I] attribution scores, one whole-model pass per layer (batch of m scaled copies).
-    target: a token id, or the token ids of a k-token answer; rule: one of QUADRATURE."""
+    target: a token id, or the token ids of a k-token answer; rule: one of QUADRATURE;
+    layer_rules: {layer: (rule, steps[, like_riemann])} for layers with their own; like_riemann: see
+    `quadrature`."""
     targets = as_ids(target)
     prompt = answering(prompt, targets, arch.arch_of(model).causal)
     acts, _ = clean_activations(model, prompt)
-    ids = torch.tensor([prompt.ids], device=model.device).expand(steps, -1)
-    alphas, weights = quadrature(rule, steps, model.device)
+    points = schedule(acts.shape[0], rule, steps, layer_rules, model.device, like_riemann)
     scores = torch.zeros_like(acts)
     for l in range(acts.shape[0]):
+        alphas, weights = points[l]
+        ids = torch.tensor([prompt.ids], device=model.device).expand(alphas.shape[0], -1)
         scaled = (alphas[:, None] * acts[l][None]).requires_grad_(True)
         with patched(model, l, lambda x: _replace_at(x, 0, prompt.pos, scaled), len(prompt.ids)):
             p = answer_prob(model(ids).logits, prompt.pos, targets)
@@ -160,8 +202,12 @@ def fast(
     dtype: torch.dtype | None = None,
     max_rows: int | None = None,
     rule: str = "riemann",
+    layer_rules=None,
+    like_riemann: int | None = None,
+    with_acts: bool = False,
 ) -> torch.Tensor:
     """Same numbers as `reference` (fp32), with layers joining the batch at their own layer.
+    with_acts: (scores, the [L, I] activations at the answer position of the clean pass).
 
     Layers are taken in contiguous groups small enough for memory (`max_rows` row-blocks, or a
     budget from free memory); each group starts from the clean output of its first layer.
@@ -169,7 +215,9 @@ def fast(
     bf16/fp16 run on a cached low-precision copy of the weights, under autocast."""
     run = low_precision(model, dtype)
     with frozen(run), _attention(run):
-        return _fast(run, prompt, target, steps, dtype, max_rows, rule)
+        points = schedule(arch.shape(run)[0], rule, steps, layer_rules, run.device, like_riemann)
+        out = _fast(run, prompt, target, dtype, max_rows, points)
+    return out if with_acts else out[0]
 
 
 def _attention(model):
@@ -182,7 +230,8 @@ def _attention(model):
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _fast(model, prompt, target, steps, dtype, max_rows, rule="riemann"):
+def _fast(model, prompt, target, dtype, max_rows, points):
+    """points: per layer (alphas, weights), `schedule`."""
     a = arch.arch_of(model)
     L, _ = arch.shape(model)
     c = _clean_pass(model, a, prompt, target, dtype)
@@ -190,15 +239,15 @@ def _fast(model, prompt, target, steps, dtype, max_rows, rule="riemann"):
     inputs = engine.block_inputs(model, ids, out, k)
     if max_rows is None:
         max_rows = row_budget(model, ids.shape[1], dtype)
-    alphas, weights = quadrature(rule, steps, model.device)
     grads = []
-    for group in layer_groups(L, steps, max_rows):
-        grads += _group_grads(model, a, group, c.taps, inputs, c.acts, c.pos, c.targets, alphas, dtype)
-    return torch.stack([_integral(g, c.acts[l], weights) for l, g in enumerate(grads)])
+    for group in layer_groups(L, [len(x) for x, _ in points], max_rows):
+        grads += _group_grads(model, a, group, c.taps, inputs, c.acts, c.pos, c.targets, points, dtype)
+    return torch.stack([_integral(g, c.acts[l], points[l][1]) for l, g in enumerate(grads)]), torch.stack(c.acts)
 
 
-def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, targets, alphas, dtype):
-    """Gradients of p(answer) w.r.t. the scaled activations of `layers` (contiguous).
+def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, targets, points, dtype):
+    """Gradients of p(answer) w.r.t. the scaled activations of `layers` (contiguous); points: per
+    layer (alphas, weights).
 
     Layer l's m rows start at the output of block l: the clean output, with the answer position
     recomputed from its residual and the scaled activations (nothing else in block l changes)."""
@@ -207,7 +256,6 @@ def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, targets, alph
     span = slice(-k, None) if a.causal else slice(None)
     pos = 0 if a.causal else answer_pos
     read = span if a.causal else slice(answer_pos, answer_pos + k)  # the positions the head reads
-    steps = alphas.shape[0]
     leaves, h = [], None
     top = len(acts) - 1
     for l in range(layers[0], len(acts)):
@@ -220,6 +268,8 @@ def _group_grads(model, a, layers, taps, inputs, acts, answer_pos, targets, alph
                     else engine.run_block(model, l, h, inputs)
                 )
             if l in layers:
+                alphas = points[l][0]
+                steps = alphas.shape[0]
                 leaf = (alphas[:, None] * acts[l][None]).requires_grad_(True)
                 leaves.append(leaf)
                 at = engine.ffn_output(model, l, taps[l]["residual"], leaf)
@@ -293,12 +343,13 @@ class TargetProb(torch.autograd.Function):
         return torch.cat(out), None, None, None, None
 
 
-def layer_groups(L: int, steps: int, max_rows: int) -> list[range]:
+def layer_groups(L: int, steps, max_rows: int) -> list[range]:
     """Contiguous layer groups whose rows x blocks (layer l's rows run L - l blocks) fit in
-    max_rows; a group holds at least one layer."""
+    max_rows; a group holds at least one layer. steps: rows per layer, one number or one per layer."""
+    steps = [steps] * L if isinstance(steps, int) else steps
     groups, start, used = [], 0, 0
     for l in range(L):
-        cost = steps * (L - l)
+        cost = steps[l] * (L - l)
         if l > start and used + cost > max_rows:
             groups.append(range(start, l))
             start, used = l, 0
@@ -366,9 +417,18 @@ def _autocast(model, dtype):
 
 # ---------------------------------------------------------------- several prompts in one pass
 def fast_many(
-    model, items: list, steps: int = 20, dtype: torch.dtype | None = None, max_rows: int | None = None, rule: str = "riemann"
-) -> list[torch.Tensor]:
-    """`fast` for several prompts at once: items [(prompt, target), ...], one [L, I] score tensor each.
+    model,
+    items: list,
+    steps: int = 20,
+    dtype: torch.dtype | None = None,
+    max_rows: int | None = None,
+    rule: str = "riemann",
+    layer_rules=None,
+    like_riemann: int | None = None,
+    with_acts: bool = False,
+) -> list:
+    """`fast` for several prompts at once: items [(prompt, target), ...], one [L, I] score tensor each
+    (with_acts: (scores, activations) each).
 
     Each prompt has its own clean pass; then the m rows of every prompt join one batch at each layer,
     so that every block, the vocabulary projection and the backward pass run once for all of them.
@@ -377,10 +437,12 @@ def fast_many(
     and the padding is masked out of attention: no position that is scored sees it. The numbers are
     those of `fast` on each prompt alone up to float rounding (the matrix products have other shapes)."""
     if len(items) == 1:
-        return [fast(model, items[0][0], items[0][1], steps, dtype, max_rows, rule)]
+        return [fast(model, items[0][0], items[0][1], steps, dtype, max_rows, rule, layer_rules, like_riemann, with_acts)]
     run = low_precision(model, dtype)
     with frozen(run), _attention(run):
-        return _fast_many(run, items, steps, dtype, max_rows, rule)
+        points = schedule(arch.shape(run)[0], rule, steps, layer_rules, run.device, like_riemann)
+        out = _fast_many(run, items, dtype, max_rows, points)
+    return out if with_acts else [s for s, _ in out]
 
 
 @dataclass
@@ -412,7 +474,7 @@ def _clean_pass(model, a, prompt, target, dtype) -> _Clean:
     return _Clean(prompt.pos, targets, taps, acts, (ids, out, len(targets), prompt.pos))
 
 
-def _fast_many(model, items, steps, dtype, max_rows, rule="riemann"):
+def _fast_many(model, items, dtype, max_rows, points):
     a = arch.arch_of(model)
     L, _ = arch.shape(model)
     cs = [_clean_pass(model, a, p, t, dtype) for p, t in items]
@@ -420,19 +482,22 @@ def _fast_many(model, items, steps, dtype, max_rows, rule="riemann"):
     longest = max(c.clean[0].shape[1] for c in cs)
     for c in cs:
         c.clean = None  # the clean outputs (keys/values) are in `batch` now
+    steps = [len(x) for x, _ in points]
     if max_rows is None:
         max_rows = row_budget(model, longest, dtype)
         if model.device.type == "cpu":
             # no larger than one prompt's group of every layer: on a CPU, larger groups run slower per
             # row (their tensors leave the caches; SmolLM2, 4 prompts: 4.1 s/prompt in one group, 2.5 in four)
-            max_rows = min(max_rows, steps * L * (L + 1) // 2)
-    alphas, weights = quadrature(rule, steps, model.device)
+            max_rows = min(max_rows, sum(m * (L - l) for l, m in enumerate(steps)))
     grads = [[] for _ in cs]
-    for group in layer_groups(L, steps * len(cs), max_rows):
-        for g in _group_grads_many(model, a, group, cs, batch, alphas, dtype):
-            for i, gi in enumerate(g.split(steps)):
+    for group in layer_groups(L, [m * len(cs) for m in steps], max_rows):
+        for l, g in zip(group, _group_grads_many(model, a, group, cs, batch, points, dtype)):
+            for i, gi in enumerate(g.split(steps[l])):
                 grads[i].append(gi)
-    return [torch.stack([_integral(g, c.acts[l], weights) for l, g in enumerate(gs)]) for c, gs in zip(cs, grads)]
+    return [
+        (torch.stack([_integral(g, c.acts[l], points[l][1]) for l, g in enumerate(gs)]), torch.stack(c.acts))
+        for c, gs in zip(cs, grads)
+    ]
 
 
 def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -440,16 +505,17 @@ def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]))
 
 
-def _group_grads_many(model, a, layers, cs, batch, alphas, dtype):
+def _group_grads_many(model, a, layers, cs, batch, points, dtype):
     """_group_grads for several prompts: per layer of `layers`, the gradients [N * m, I] of every
-    prompt's rows (prompt after prompt, m rows each). Rows are ordered by layer, then prompt, then step."""
+    prompt's rows (prompt after prompt, m rows each, m the layer's). Rows are ordered by layer, then
+    prompt, then step."""
     dev = model.device
-    n, steps = len(cs), alphas.shape[0]
+    n = len(cs)
     ks = torch.tensor([len(c.targets) for c in cs], device=dev)
     K = int(ks.max())
     top = len(cs[0].acts) - 1
-    who = torch.arange(n, device=dev).repeat_interleave(steps).repeat(len(layers))  # the prompt of each row
-    per_layer = n * steps
+    # the prompt of each row
+    who = torch.cat([torch.arange(n, device=dev).repeat_interleave(len(points[l][0])) for l in layers])
     pos = torch.tensor([c.pos for c in cs], device=dev)
     # masked LMs' top block: each row's answer positions (padded answers read the last position, unused)
     tops = (pos[:, None] + torch.arange(K, device=dev)).clamp(max=batch.width - 1)
@@ -464,6 +530,8 @@ def _group_grads_many(model, a, layers, cs, batch, alphas, dtype):
                 else:
                     h = engine.run_block(model, l, h, batch.rows(w))
             if l in layers:
+                alphas = points[l][0]
+                steps = alphas.shape[0]
                 leaf = torch.cat([alphas[:, None] * c.acts[l][None] for c in cs]).requires_grad_(True)
                 leaves.append(leaf)
                 residual = torch.cat([c.taps[l]["residual"].expand(steps, -1) for c in cs])
@@ -480,7 +548,7 @@ def _group_grads_many(model, a, layers, cs, batch, alphas, dtype):
                     rows = _replace_at(torch.cat([_padded(x, K).expand(steps, -1, -1) for x in span]), 0, 0, at)
                 else:  # whole sequences, the scaled position each prompt's own
                     rows = torch.cat([_padded(c.taps[l]["out"], batch.width).expand(steps, -1, -1) for c in cs])
-                    rows[torch.arange(per_layer, device=dev), pos.repeat_interleave(steps)] = at.to(rows.dtype)
+                    rows[torch.arange(n * steps, device=dev), pos.repeat_interleave(steps)] = at.to(rows.dtype)
                 h = rows if h is None else torch.cat([h, rows.to(h.dtype)])
     out = arch.output_module(model)
     targets = torch.tensor([list(c.targets) + [0] * (K - len(c.targets)) for c in cs], device=dev)
@@ -501,9 +569,19 @@ def _group_grads_many(model, a, layers, cs, batch, alphas, dtype):
 
 
 def scores_many(
-    model, items: list, steps: int = 20, engine: str = "fast", dtype=None, rule: str = "riemann", batch: int = 1, tick=None
-) -> list[torch.Tensor]:
-    """`scores` of items [(prompt, target), ...], in their order. batch > 1 (the fast engine): passes of up
+    model,
+    items: list,
+    steps: int = 20,
+    engine: str = "fast",
+    dtype=None,
+    rule: str = "riemann",
+    batch: int = 1,
+    tick=None,
+    layer_rules=None,
+    like_riemann: int | None = None,
+    with_acts: bool = False,
+) -> list:
+    """`scores` of items [(prompt, target), ...], in their order (with_acts: (scores, activations), see `scores`). batch > 1 (the fast engine): passes of up
     to `batch` prompts (fast_many), formed after sorting the prompts by shape, so that prompts of equal
     length share a pass where they can (no padding). batch 1: `scores` prompt by prompt. tick(n) after
     every n prompts done."""
@@ -511,7 +589,7 @@ def scores_many(
     if batch <= 1 or engine != "fast":
         out = []
         for p, t in items:
-            out.append(scores(model, p, t, steps, engine, dtype, rule))
+            out.append(scores(model, p, t, steps, engine, dtype, rule, layer_rules, like_riemann, with_acts))
             tick(1)
         return out
     causal = arch.arch_of(model).causal
@@ -525,7 +603,9 @@ def scores_many(
     out = [None] * len(items)
     for i in range(0, len(order), batch):
         chunk = order[i : i + batch]
-        for k, s in zip(chunk, fast_many(model, [items[k] for k in chunk], steps, dtype, rule=rule)):
+        for k, s in zip(
+            chunk, fast_many(model, [items[k] for k in chunk], steps, dtype, None, rule, layer_rules, like_riemann, with_acts)
+        ):
             out[k] = s
         tick(len(chunk))
     return out
@@ -535,9 +615,24 @@ ENGINES = {"reference": reference, "fast": fast}
 
 
 def scores(
-    model, prompt: Prompt, target, steps: int = 20, engine: str = "fast", dtype=None, rule: str = "riemann"
-) -> torch.Tensor:
+    model,
+    prompt: Prompt,
+    target,
+    steps: int = 20,
+    engine: str = "fast",
+    dtype=None,
+    rule: str = "riemann",
+    layer_rules=None,
+    like_riemann: int | None = None,
+    with_acts: bool = False,
+):
+    """[L, I] scores; with_acts: (scores, [L, I] activations at the answer position of the prompt the answer
+    is read from (a k-token answer: with its first k - 1 tokens appended, or k masks), in the compute dtype)."""
     if engine == "reference":
         with _autocast(model, dtype):
-            return reference(model, prompt, target, steps, rule)
-    return fast(model, prompt, target, steps, dtype, rule=rule)
+            s = reference(model, prompt, target, steps, rule, layer_rules, like_riemann)
+            if not with_acts:
+                return s
+            return s, clean_activations(model, answering(prompt, as_ids(target), arch.arch_of(model).causal))[0]
+    kw = dict(rule=rule, layer_rules=layer_rules, like_riemann=like_riemann, with_acts=with_acts)
+    return fast(model, prompt, target, steps, dtype, **kw)

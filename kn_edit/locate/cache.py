@@ -4,7 +4,7 @@ An entry holds what locate() returns for one fact (coarse sets per prompt, mean 
 activations, the prompts) - not the refined set, whose share is chosen later over a group.
 Its key is the sha256 of a canonical JSON of everything that determines that result: the
 model's identity (weights' hash or Hub commit), the encoded prompts, the target, the settings
-that affect location (steps, threshold, engine, quadrature rule, prompts per pass, compute dtype) and
+that affect location (steps, threshold, engine, quadrature rule, like_riemann and per-layer rules, prompts per pass, compute dtype) and
 ATTRIBUTION_VERSION.
 Settings added after the first format leave the key unchanged at their default (`ADDED`), so entries
 written before them stay valid.
@@ -27,14 +27,14 @@ from .neurons import Located
 from .stage import locate_facts
 
 # Bump when attribution.py, locate.py or neurons.coarse change the numbers they produce.
-ATTRIBUTION_VERSION = 1
+ATTRIBUTION_VERSION = 2  # 2: activations from attribution's own clean pass
 FORMAT = "kn-edit-neurons"
 FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # method.locate settings added later -> the default at which they stay out of the key
-ADDED = {"rule": "riemann", "batch": 1}
+ADDED = {"rule": "riemann", "batch": 1, "layer_rules": {}, "like_riemann": None}
 
 
 def default_dir() -> Path:

@@ -17,18 +17,29 @@ def locate_fact(model, fact, method, dtype=None, tick=lambda: None) -> Located:
     """One fact (plan.batch.Fact): per prompt attribution scores, coarse sets and activations.
     method: spec.Locate; tick() after each prompt."""
     scores = (
-        attribution.scores(model, p, fact.target_ids, method.steps, method.engine, dtype, method.rule) for p in fact.prompts
+        attribution.scores(
+            model,
+            p,
+            fact.target_ids,
+            method.steps,
+            method.engine,
+            dtype,
+            method.rule,
+            method.own_rules(),
+            method.like_riemann,
+            with_acts=True,
+        )
+        for p in fact.prompts
     )
-    return _located(model, fact, scores, method.threshold, tick)
+    return _located(fact, scores, method.threshold, tick)
 
 
-def _located(model, fact, scores, threshold: float, tick=lambda: None) -> Located:
-    """The fact's Located from `scores`, an iterator giving each of its prompts' scores in order
-    (summed prompt by prompt, in that order)."""
+def _located(fact, scores, threshold: float, tick=lambda: None) -> Located:
+    """The fact's Located from `scores`, an iterator giving each of its prompts' (scores, activations)
+    in order (summed prompt by prompt, in that order)."""
     sets, total, acts = [], None, None
-    for p in fact.prompts:
-        s = next(scores)
-        a, _ = attribution.clean_activations(model, p)
+    for _ in fact.prompts:
+        s, a = next(scores)
         sets.append(coarse(s, threshold))
         total = s if total is None else total + s
         acts = a if acts is None else acts + a
@@ -69,8 +80,22 @@ def locate_facts(model, facts, method, dtype=None, tick=lambda: None, done=lambd
 def _locate_chunk(model, facts, method, dtype, tick) -> list[Located]:
     items = [(p, f.target_ids) for f in facts for p in f.prompts]
     ticks = lambda n: [tick() for _ in range(n)]
-    scores = iter(attribution.scores_many(model, items, method.steps, method.engine, dtype, method.rule, method.batch, ticks))
-    return [_located(model, f, scores, method.threshold) for f in facts]
+    scores = iter(
+        attribution.scores_many(
+            model,
+            items,
+            method.steps,
+            method.engine,
+            dtype,
+            method.rule,
+            method.batch,
+            ticks,
+            method.own_rules(),
+            method.like_riemann,
+            with_acts=True,
+        )
+    )
+    return [_located(f, scores, method.threshold) for f in facts]
 
 
 def locate(model, edits, method, dtype=None, store=None) -> None:
