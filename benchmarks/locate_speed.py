@@ -91,12 +91,10 @@ def sharded(facts, news, method: dict, shards: int, model, identity) -> tuple[fl
         if any(p.wait() for p in procs):
             raise SystemExit("a kn-edit locate shard failed")
         wall = time.perf_counter() - t
-        missing = []
-        located = Cache(Path(tmp) / "cache", identity).locate_many(
-            model, facts, Locate.model_validate(method), tick=lambda: missing.append(1)
-        )
-        if missing:
-            raise SystemExit(f"{len(missing)} prompts were not in the shards' cache (the spec's facts differ)")
+        store = Cache(Path(tmp) / "cache", identity)
+        located = store.locate_many(model, facts, Locate.model_validate(method))
+        if store.misses:
+            raise SystemExit(f"{store.misses} facts were not in the shards' cache (the spec's facts differ)")
         return wall, located
 
 
