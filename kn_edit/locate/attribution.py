@@ -93,9 +93,9 @@ def quadrature(rule: str, steps: int, device=None, like_riemann: int | None = No
     sum is exactly the trapezoid rule on its M + 1 points plus (g(0) - g(1)) / 2M, so adding that
     end correction to a rule closer to the integral than the trapezoid gives the paper's sum to
     within the trapezoid's error, (g'(1) - g'(0)) / 12M^2 (Euler-Maclaurin)."""
+    if like_riemann and rule not in ENDS:
+        raise ValueError(f"like_riemann needs a rule that evaluates both end points ({', '.join(ENDS)})")
     if rule in ("riemann", "midpoint"):
-        if like_riemann:
-            raise ValueError(f"like_riemann needs a rule that evaluates both end points ({', '.join(ENDS)})")
         k = torch.arange(steps, device=device, dtype=torch.float32)
         return (k if rule == "riemann" else k + 0.5) / steps, None
     import numpy as np
@@ -116,8 +116,6 @@ def quadrature(rule: str, steps: int, device=None, like_riemann: int | None = No
     else:
         raise ValueError(f"unknown quadrature rule {rule!r} (expected one of {', '.join(QUADRATURE)})")
     if like_riemann:
-        if rule not in ENDS:
-            raise ValueError(f"like_riemann needs a rule that evaluates both end points ({', '.join(ENDS)})")
         w = w.copy()
         w[0] += 1 / (2 * like_riemann)
         w[-1] -= 1 / (2 * like_riemann)
