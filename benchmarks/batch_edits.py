@@ -59,6 +59,7 @@ RULES = {
     "neurons5": {"solve": {"neurons": 5}},
     "neurons30": {"solve": {"neurons": 30}},
     "margin1": {"solve": {"margin": 1.0}},
+    "margin05": {"solve": {"margin": 0.5}},
     "keep30": {"solve": {"keep": 30, "text": 30}},
     "keep100": {"solve": {"keep": 100, "text": 100}},
     "all-layers": {"solve": {"min_layer": 0.0, "max_layer": 1.0}},
@@ -347,8 +348,8 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
     known = [tuple(x) for x in F.relation(r)["known"]]
     given, unseen = known[:20], known[20:]
     others = [x for x in relations if x != r]
-    other = [(p, o) for x in others for s, o in F.found[x]["known"] for p in F.prompts(x, s)]
-    other_prompts, right = [p for p, _ in other], [target_id(tok, p, o, True) for p, o in other]
+    other = [(p, o, x) for x in others for s, o in F.found[x]["known"] for p in F.prompts(x, s)]
+    other_prompts, right = [p for p, _, _ in other], [target_id(tok, p, o, True) for p, o, _ in other]
     probe = safety.prompts("prompts_probe.txt", tok, True, {s for s, _ in known})
     text = safety.shipped("text_probe.txt")
 
@@ -377,13 +378,18 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
         if control:
             neurons = [draw(e.neurons, arch.shape(model)[1], random.Random(args.seed), e.neurons) for e in batch.edits]
         undo = apply(model, batch, spec.method, neurons=neurons, seed=args.seed)
+        after = top1(other_prompts)
         row = {
             "erase": r,
             "rule": rule,
             "neurons": sum(len(e.neurons) for e in batch.edits),
             "accuracy_given": accuracy(given),
             "accuracy_unseen": accuracy(unseen) if unseen else None,
-            **_kept_all(base, {"other": top1(other_prompts), "probe": top1(probe)}, {"other": right}),
+            **_kept_all(base, {"other": after, "probe": top1(probe)}, {"other": right}),
+            "other_kept_by_relation": {
+                x: _kept(*zip(*[(b, a) for b, a, (_, _, y) in zip(base["other"], after, other, strict=True) if y == x]))
+                for x in others
+            },
             "text_ppl": safety.perplexity(model, tok, text, True),
             "edit_s": time.time() - t,
         }

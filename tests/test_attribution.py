@@ -97,7 +97,10 @@ def test_fast_equals_reference_with_sdpa_attention(kind, rule):
     """The attention that models load with by default (the fast engine picks its own kernel)."""
     model = tiny(kind, "sdpa")
     p = prompt(kind, 3)
-    same(attribution.fast(model, p, 11, steps=8, rule=rule), attribution.reference(model, p, 11, steps=8, rule=rule))
+    same(
+        attribution.fast(model, p, 11, attribution.Quadrature(8, rule)),
+        attribution.reference(model, p, 11, attribution.Quadrature(8, rule)),
+    )
 
 
 def same(a, b):
@@ -112,8 +115,8 @@ def test_fast_equals_reference(kind, rule):
     for seed in (1, 2):
         p = prompt(kind, seed)
         target = 7 + seed
-        ref = attribution.reference(model, p, target, steps=8, rule=rule)
-        fast = attribution.fast(model, p, target, steps=8, rule=rule)
+        ref = attribution.reference(model, p, target, attribution.Quadrature(8, rule))
+        fast = attribution.fast(model, p, target, attribution.Quadrature(8, rule))
         assert ref.abs().max() > 0
         same(fast, ref)
         assert coarse(fast, 0.2) == coarse(ref, 0.2)
@@ -124,14 +127,14 @@ def test_fast_equals_reference(kind, rule):
 def test_reference_equals_plain_loop(kind):
     model = tiny(kind)
     p = prompt(kind)
-    same(attribution.reference(model, p, 9, steps=4), plain(model, p, 9, steps=4))
+    same(attribution.reference(model, p, 9, 4), plain(model, p, 9, 4))
 
 
 @pytest.mark.parametrize("kind", ["roberta", "gpt2"])
 def test_fast_equals_plain_loop(kind):
     model = tiny(kind)
     p = prompt(kind)
-    same(attribution.fast(model, p, 9, steps=4), plain(model, p, 9, steps=4))
+    same(attribution.fast(model, p, 9, 4), plain(model, p, 9, 4))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -142,14 +145,14 @@ def test_multi_token_fast_equals_reference_equals_plain(kind, attn):
     model = tiny(kind, attn)
     for seed, targets in ((1, (9, 4)), (2, (11, 30, 7))):
         p = prompt(kind, seed)
-        ref = attribution.reference(model, p, targets, steps=4)
+        ref = attribution.reference(model, p, targets, 4)
         assert ref.abs().max() > 0
-        same(attribution.fast(model, p, targets, steps=4), ref)
-        same(attribution.fast(model, p, targets, steps=4, max_rows=4), ref)  # one layer per group
+        same(attribution.fast(model, p, targets, 4), ref)
+        same(attribution.fast(model, p, targets, 4, max_rows=4), ref)  # one layer per group
         if attn == "eager":
             same(ref, plain(model, p, targets, steps=4))
         # the answer's later tokens count: not the first token's attribution
-        assert not torch.allclose(ref, attribution.reference(model, p, targets[0], steps=4))
+        assert not torch.allclose(ref, attribution.reference(model, p, targets[0], 4))
 
 
 @pytest.mark.parametrize("rule", [r for r in attribution.QUADRATURE if r != "riemann"])
@@ -160,13 +163,13 @@ def test_rules_fast_equals_reference_equals_plain(kind, rule):
     model = tiny(kind)
     p = prompt(kind, 2)
     for target in (9, (9, 4)):
-        ref = attribution.reference(model, p, target, steps=5, rule=rule)
+        ref = attribution.reference(model, p, target, attribution.Quadrature(5, rule))
         assert ref.abs().max() > 0
         same(ref, plain(model, p, target, steps=5, rule=rule))
-        same(attribution.fast(model, p, target, steps=5, rule=rule), ref)
-        same(attribution.fast(model, p, target, steps=5, rule=rule, max_rows=5), ref)
+        same(attribution.fast(model, p, target, attribution.Quadrature(5, rule)), ref)
+        same(attribution.fast(model, p, target, attribution.Quadrature(5, rule), max_rows=5), ref)
         # not the paper's sum under another name
-        assert (ref - attribution.reference(model, p, target, steps=5)).norm() > 1e-4 * ref.norm()
+        assert (ref - attribution.reference(model, p, target, 5)).norm() > 1e-4 * ref.norm()
 
 
 def old_reference(model, prompt, target, steps=20):
@@ -194,8 +197,8 @@ def test_default_rule_is_the_papers_bit_for_bit(kind, monkeypatch):
     model = tiny(kind)
     p = prompt(kind)
     old = old_reference(model, p, (9, 4), steps=7)
-    assert torch.equal(attribution.reference(model, p, (9, 4), steps=7), old)
-    assert torch.equal(attribution.reference(model, p, (9, 4), steps=7, rule="riemann"), old)
+    assert torch.equal(attribution.reference(model, p, (9, 4), 7), old)
+    assert torch.equal(attribution.reference(model, p, (9, 4), attribution.Quadrature(7, "riemann")), old)
     assert torch.equal(attribution.scores(model, p, (9, 4), 7, "reference"), old)
 
     seen = []
@@ -209,7 +212,7 @@ def test_default_rule_is_the_papers_bit_for_bit(kind, monkeypatch):
     monkeypatch.setattr(attribution, "_group_grads", recorded)
     for dtype in (None, torch.bfloat16):
         seen.clear()
-        got = attribution.fast(model, p, 9, steps=7, dtype=dtype, max_rows=7 * 3 + 7 * 2)  # layers 0-1, then 2
+        got = attribution.fast(model, p, 9, 7, dtype=dtype, max_rows=7 * 3 + 7 * 2)  # layers 0-1, then 2
         assert len(seen) == 2
         acts = seen[0][0]
         for _, alphas, _ in seen:
@@ -261,10 +264,10 @@ def test_like_riemann_is_the_left_sum_from_fewer_points():
             attribution.quadrature(rule, 4, like_riemann=20)
     model = tiny("llama")
     p = prompt("llama", 2)
-    paper = attribution.fast(model, p, 9, steps=20)
-    integral = attribution.fast(model, p, 9, steps=48, rule="gauss")
-    like = attribution.fast(model, p, 9, steps=6, rule="lobatto", like_riemann=20)
-    same(like, attribution.reference(model, p, 9, steps=6, rule="lobatto", like_riemann=20))
+    paper = attribution.fast(model, p, 9, 20)
+    integral = attribution.fast(model, p, 9, attribution.Quadrature(48, "gauss"))
+    like = attribution.fast(model, p, 9, attribution.Quadrature(6, "lobatto", 20))
+    same(like, attribution.reference(model, p, 9, attribution.Quadrature(6, "lobatto", 20)))
     dist = lambda x: float((x - paper).norm() / paper.norm())
     assert dist(like) < 0.1 * dist(integral)
 
@@ -282,8 +285,8 @@ def test_rules_converge_to_the_integral(kind):
     is closer than the paper's m = 20."""
     model = tiny(kind)
     p = prompt(kind, 2)
-    exact = attribution.fast(model, p, 9, steps=48, rule="gauss")
-    err = lambda rule, m: float((attribution.fast(model, p, 9, steps=m, rule=rule) - exact).norm() / exact.norm())
+    exact = attribution.fast(model, p, 9, attribution.Quadrature(48, "gauss"))
+    err = lambda rule, m: float((attribution.fast(model, p, 9, attribution.Quadrature(m, rule)) - exact).norm() / exact.norm())
     assert err("riemann", 512) < 1e-4
     r = [err("riemann", m) for m in (4, 8, 16)]
     assert 0.4 < r[1] / r[0] < 0.6 and 0.4 < r[2] / r[1] < 0.6  # halves when m doubles
@@ -298,17 +301,17 @@ def test_rules_converge_to_the_integral(kind):
 def test_one_token_answer_is_the_token():
     model = tiny("llama")
     p = prompt("llama")
-    assert torch.equal(attribution.fast(model, p, (9,), steps=4), attribution.fast(model, p, 9, steps=4))
-    assert torch.equal(attribution.reference(model, p, (9,), steps=4), attribution.reference(model, p, 9, steps=4))
+    assert torch.equal(attribution.fast(model, p, (9,), 4), attribution.fast(model, p, 9, 4))
+    assert torch.equal(attribution.reference(model, p, (9,), 4), attribution.reference(model, p, 9, 4))
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_layer_groups_change_nothing(kind):
     model = tiny(kind)
     p = prompt(kind)
-    whole = attribution.fast(model, p, 9, steps=6, max_rows=10**6)
+    whole = attribution.fast(model, p, 9, 6, max_rows=10**6)
     for rows in (1, 6 * 3 + 6 * 2):  # one layer per group; layers 0-1 together, then layer 2
-        same(attribution.fast(model, p, 9, steps=6, max_rows=rows), whole)
+        same(attribution.fast(model, p, 9, 6, max_rows=rows), whole)
 
 
 def test_layer_groups():
@@ -321,7 +324,7 @@ def test_parameters_restored():
     model = tiny("gpt2")
     model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
     before = [p.requires_grad for p in model.parameters()]
-    attribution.fast(model, prompt("gpt2"), 9, steps=2)
+    attribution.fast(model, prompt("gpt2"), 9, 2)
     assert [p.requires_grad for p in model.parameters()] == before
     assert any(before) and not all(before)
 
@@ -329,15 +332,15 @@ def test_parameters_restored():
 def test_bf16_close_and_copy_follows_edits():
     model = tiny("llama")
     p = prompt("llama")
-    fp32 = attribution.fast(model, p, 9, steps=8)
-    bf16 = attribution.fast(model, p, 9, steps=8, dtype=torch.bfloat16)
+    fp32 = attribution.fast(model, p, 9, 8)
+    bf16 = attribution.fast(model, p, 9, 8, dtype=torch.bfloat16)
     assert bf16.dtype == torch.float32
     assert torch.corrcoef(torch.stack([fp32.flatten(), bf16.flatten()]))[0, 1] > 0.98
     assert next(iter(model.parameters())).dtype == torch.float32
     # an in-place weight edit must reach the low-precision copy
     with torch.no_grad():
         arch.value_slots(model, 2).zero_()
-    after = attribution.fast(model, p, 9, steps=8, dtype=torch.bfloat16)
+    after = attribution.fast(model, p, 9, 8, dtype=torch.bfloat16)
     assert bf16[2].abs().max() > 0 and after[2].abs().max() == 0  # no gradient through a zero W2
     low = attribution.low_precision(model, torch.bfloat16)
     assert low is not model and float(arch.value_slots(low, 2).detach().abs().max()) == 0.0
@@ -376,9 +379,9 @@ def test_batched_prompts_equal_the_reference(kind, attn):
     model = tiny(kind, attn)
     items = several(kind)
     for rule in ("riemann", "gauss"):
-        refs = [attribution.reference(model, p, t, steps=4, rule=rule) for p, t in items]
+        refs = [attribution.reference(model, p, t, attribution.Quadrature(4, rule)) for p, t in items]
         for max_rows in (None, 4 * len(items)):
-            got = attribution.fast_many(model, items, steps=4, max_rows=max_rows, rule=rule)
+            got = attribution.fast_many(model, items, attribution.Quadrature(4, rule), max_rows=max_rows)
             assert len(got) == len(items)
             for g, ref in zip(got, refs):
                 same(g, ref)
@@ -394,20 +397,20 @@ def test_layer_rules_fast_equals_reference_equals_plain(kind):
     own = {0: ("riemann", 7), 2: ("midpoint", 3)}
     for target in (9, (9, 4)):
         p = prompt(kind, 2)
-        ref = attribution.reference(model, p, target, steps=4, rule="gauss", layer_rules=own)
+        ref = attribution.reference(model, p, target, attribution.Quadrature(4, "gauss", layers=own))
         same(ref, plain(model, p, target, steps=4, rule="gauss", layer_rules=own))
         for max_rows in (None, 7):
-            same(attribution.fast(model, p, target, steps=4, rule="gauss", layer_rules=own, max_rows=max_rows), ref)
+            same(attribution.fast(model, p, target, attribution.Quadrature(4, "gauss", layers=own), max_rows=max_rows), ref)
         # layer by layer, each is the uniform rule's number for that layer
         for l, (rule, m) in {0: own[0], 1: ("gauss", 4), 2: own[2]}.items():
-            same(ref[l], attribution.reference(model, p, target, steps=m, rule=rule)[l])
+            same(ref[l], attribution.reference(model, p, target, attribution.Quadrature(m, rule))[l])
     items = several(kind)
     for max_rows in (None, 4 * len(items)):
-        got = attribution.fast_many(model, items, steps=4, rule="gauss", layer_rules=own, max_rows=max_rows)
+        got = attribution.fast_many(model, items, attribution.Quadrature(4, "gauss", layers=own), max_rows=max_rows)
         for g, (p, t) in zip(got, items, strict=True):
-            same(g, attribution.reference(model, p, t, steps=4, rule="gauss", layer_rules=own))
+            same(g, attribution.reference(model, p, t, attribution.Quadrature(4, "gauss", layers=own)))
     with pytest.raises(ValueError, match="layer 3 is not a layer of this model"):
-        attribution.fast(model, prompt(kind), 9, steps=4, layer_rules={3: ("riemann", 4)})
+        attribution.fast(model, prompt(kind), 9, attribution.Quadrature(4, layers={3: ("riemann", 4)}))
 
 
 def test_scores_many_keeps_the_order_and_batch_one_is_the_plain_path(monkeypatch):
@@ -416,29 +419,49 @@ def test_scores_many_keeps_the_order_and_batch_one_is_the_plain_path(monkeypatch
     one-prompt passes take no batched path."""
     model = tiny("llama")
     items = several("llama") * 2
-    one = attribution.scores_many(model, items, steps=4)
+    one = attribution.scores_many(model, items, 4)
     for s, (p, t) in zip(one, items, strict=True):
         assert torch.equal(s, attribution.scores(model, p, t, 4))
     passes, ticks = [], []
     real = attribution._fast_many
     shape = lambda its: [(len(p.ids), len(attribution.as_ids(t))) for p, t in its]
     monkeypatch.setattr(attribution, "_fast_many", lambda m, its, *a: passes.append(shape(its)) or real(m, its, *a))
-    many = attribution.scores_many(model, items, steps=4, batch=3, tick=ticks.append)
+    many = attribution.scores_many(model, items, 4, batch=3, tick=ticks.append)
     assert ticks == [3, 3, 2]
     # sorted by the answer's length, then the prompt's: the two 3-token answers share a pass of their own
     assert passes == [[(6, 1), (6, 1), (7, 1)], [(7, 1), (7, 2), (7, 2)], [(5, 3), (5, 3)]]
     for s, ref in zip(many, one, strict=True):
         same(s, ref)
     passes.clear()
-    assert torch.equal(attribution.scores_many(model, items[:1], steps=4, batch=3)[0], one[0])
-    ref = attribution.scores_many(model, items[:2], steps=4, engine="reference", batch=3)
+    assert torch.equal(attribution.scores_many(model, items[:1], 4, batch=3)[0], one[0])
+    ref = attribution.scores_many(model, items[:2], 4, engine="reference", batch=3)
     assert not passes and all(torch.equal(r, attribution.reference(model, p, t, 4)) for r, (p, t) in zip(ref, items))
 
 
 def test_batched_prompts_in_bf16():
     model = tiny("llama")
     items = several("llama")
-    for g, (p, t) in zip(attribution.fast_many(model, items, steps=8, dtype=torch.bfloat16), items, strict=True):
-        alone = attribution.fast(model, p, t, steps=8, dtype=torch.bfloat16)
+    for g, (p, t) in zip(attribution.fast_many(model, items, 8, dtype=torch.bfloat16), items, strict=True):
+        alone = attribution.fast(model, p, t, 8, dtype=torch.bfloat16)
         assert g.dtype == torch.float32
         assert torch.corrcoef(torch.stack([g.flatten(), alone.flatten()]))[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_scores_with_activations_from_the_clean_pass(kind):
+    """scores(with_acts=True), both engines and a 1- and 2-token answer: the same scores as without, and the
+    activations of a plain forward pass of the prompt the answer is read from; a step count is the paper's
+    Quadrature."""
+    model = tiny(kind)
+    p = prompt(kind)
+    causal = arch.for_type(kind).causal
+    for target in (9, (9, 4)):
+        plain_acts = attribution.clean_activations(model, answering(p, attribution.as_ids(target), causal))[0]
+        for eng in ("reference", "fast"):
+            s, a = attribution.scores(model, p, target, 4, eng, with_acts=True)
+            assert torch.equal(s, attribution.scores(model, p, target, attribution.Quadrature(4), eng))
+            if eng == "reference":
+                assert torch.equal(a, plain_acts)
+            else:
+                torch.testing.assert_close(a, plain_acts, rtol=1e-4, atol=1e-6)
+        assert attribution.Quadrature.of(4) == attribution.Quadrature(4, "riemann", None, {})

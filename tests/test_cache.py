@@ -182,9 +182,13 @@ def test_the_rule_reaches_attribution(world, llama_dir, write_spec):
     f = prep.edits[0].facts[0]
     model = load(str(llama_dir), device="cpu").model
     got = locate_fact(model, f, method)
-    mean = lambda rule: sum(attribution.fast(model, p, f.target_ids, STEPS, rule=rule) for p in f.prompts) / len(f.prompts)
+    mean = lambda rule: (
+        sum(attribution.fast(model, p, f.target_ids, attribution.Quadrature(STEPS, rule)) for p in f.prompts) / len(f.prompts)
+    )
     gauss, paper = mean("gauss"), mean("riemann")
-    assert got.coarse == [coarse(attribution.fast(model, p, f.target_ids, STEPS, rule="gauss"), 0.2) for p in f.prompts]
+    assert got.coarse == [
+        coarse(attribution.fast(model, p, f.target_ids, attribution.Quadrature(STEPS, "gauss")), 0.2) for p in f.prompts
+    ]
     assert got.score == pytest.approx({n: float(gauss[n]) for n in got.score}, rel=1e-5)
     assert got.score != pytest.approx({n: float(paper[n]) for n in got.score}, rel=1e-3)
 
@@ -201,10 +205,10 @@ def test_layer_rules_reach_attribution_and_are_checked_against_the_model(world, 
     f = prep.edits[0].facts[0]
     model = load(str(llama_dir), device="cpu").model
     got = locate_fact(model, f, method)
-    mean = lambda **kw: sum(attribution.fast(model, p, f.target_ids, **kw) for p in f.prompts) / len(f.prompts)
-    want = mean(steps=STEPS, rule="gauss", layer_rules={0: ("riemann", STEPS)})
+    mean = lambda q: sum(attribution.fast(model, p, f.target_ids, q) for p in f.prompts) / len(f.prompts)
+    want = mean(attribution.Quadrature(STEPS, "gauss", layers={0: ("riemann", STEPS)}))
     assert got.score == pytest.approx({n: float(want[n]) for n in got.score}, rel=1e-5)
-    uniform = mean(steps=STEPS, rule="gauss")
+    uniform = mean(attribution.Quadrature(STEPS, "gauss"))
     assert any(l == 0 for l, _ in got.score)  # layer 0 is among the located, so the rule shows
     assert got.score != pytest.approx({n: float(uniform[n]) for n in got.score}, rel=1e-3)
     # the activations come from attribution's own clean pass: those of a plain forward pass

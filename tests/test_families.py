@@ -92,9 +92,9 @@ def test_fast_equals_reference(name):
     p = prompt(model)
     # one token, a 3-token answer, and a quadrature rule with other points and weights than the paper's
     for target, rule in ((9, "riemann"), ((9, 4, 11), "riemann"), ((9, 4), "gauss")):
-        ref = attribution.reference(model, p, target, steps=4, rule=rule)
+        ref = attribution.reference(model, p, target, attribution.Quadrature(4, rule))
         assert ref.abs().max() > 0
-        same(attribution.fast(model, p, target, steps=4, rule=rule), ref)
+        same(attribution.fast(model, p, target, attribution.Quadrature(4, rule)), ref)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -108,8 +108,8 @@ def test_batched_prompts_equal_one_at_a_time(name):
     for seed, n, at, target in ((1, 7, 3, 9), (2, 5, 1, (9, 4, 11)), (3, 7, 4, (4, 5)), (4, 6, 2, 12), (5, 7, 2, 9)):
         ids = torch.randint(3, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
         items.append((Prompt("x", tuple(ids), n - 1 if causal else at), target))  # masked: the answer anywhere
-    for got, (p, target) in zip(attribution.fast_many(model, items, steps=4), items, strict=True):
-        same(got, attribution.fast(model, p, target, steps=4))
+    for got, (p, target) in zip(attribution.fast_many(model, items, 4), items, strict=True):
+        same(got, attribution.fast(model, p, target, 4))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -35,9 +35,9 @@ def test_gemma3_fast_equals_reference(gemma):
     assert type(model).__name__ == "Gemma3ForCausalLM" and arch.arch_of(model).name == "gemma3"
     p = encode(tok, "The capital of France is [Y].", True)
     target = target_id(tok, p, "Paris", True)
-    ref = attribution.reference(model, p, target, steps=4)
+    ref = attribution.reference(model, p, target, 4)
     assert ref.abs().max() > 0
-    same(attribution.fast(model, p, target, steps=4), ref)
+    same(attribution.fast(model, p, target, 4), ref)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ integral taken by a quadrature rule of m gradient evaluations, score_l = a_l * s
 The paper's (the default, `riemann`): alpha = k/m for k = 0..m-1, w = 1/m (a left Riemann sum, as in
 the authors' released code). The others (`QUADRATURE`) are higher-order rules for the same integral;
 whether fewer evaluations suffice depends on the model (README, Integral rules). Each layer's integral
-is its own, so a layer may have its own rule and m (`layer_rules`, e.g. more points where the integrand
+is its own, so a layer may have its own rule and m (`Quadrature.layers`, e.g. more points where the integrand
 is sharp).
 
 Two implementations that give the same numbers:
@@ -35,7 +35,7 @@ import contextlib
 import copy
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -123,18 +123,30 @@ def quadrature(rule: str, steps: int, device=None, like_riemann: int | None = No
     return as_tensor(alpha), as_tensor(w)
 
 
-def schedule(
-    L: int, rule: str, steps: int, layer_rules=None, device=None, like_riemann: int | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per layer, the points and weights of its quadrature: `rule` with `steps` evaluations (and
-    like_riemann), except the layers of layer_rules ({layer: (rule, steps[, like_riemann])})."""
-    own = {int(l): tuple(r) + (None,) * (3 - len(r)) for l, r in (layer_rules or {}).items()}
-    bad = [l for l in own if not 0 <= l < L]
-    if bad:
-        raise InputError(f"method.locate.layer_rules: layer {bad[0]} is not a layer of this model (it has 0..{L - 1})")
-    rest = (rule, steps, like_riemann)
-    made = {r: quadrature(r[0], r[1], device, r[2]) for r in {rest, *own.values()}}
-    return [made[own.get(l, rest)] for l in range(L)]
+@dataclass(frozen=True)
+class Quadrature:
+    """How each layer's integral is taken: `rule` with `steps` evaluations (and like_riemann, see
+    `quadrature`), except the layers of `layers`, {layer: (rule, steps[, like_riemann])}, which have
+    their own. Quadrature(20) is the paper's sum; every function below also takes a plain step count."""
+
+    steps: int = 20
+    rule: str = "riemann"
+    like_riemann: int | None = None
+    layers: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, q: Quadrature | int) -> Quadrature:
+        return q if isinstance(q, Quadrature) else cls(int(q))
+
+    def points(self, L: int, device=None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per layer of L, its points and weights."""
+        own = {int(l): tuple(r) + (None,) * (3 - len(r)) for l, r in self.layers.items()}
+        bad = [l for l in own if not 0 <= l < L]
+        if bad:
+            raise InputError(f"method.locate.layer_rules: layer {bad[0]} is not a layer of this model (it has 0..{L - 1})")
+        rest = (self.rule, self.steps, self.like_riemann)
+        made = {r: quadrature(r[0], r[1], device, r[2]) for r in {rest, *own.values()}}
+        return [made[own.get(l, rest)] for l in range(L)]
 
 
 def _integral(grad: torch.Tensor, act: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -169,17 +181,14 @@ def answer_prob(logits: torch.Tensor, pos: int, targets: tuple[int, ...]) -> tor
     return p
 
 
-def reference(
-    model, prompt: Prompt, target, steps: int = 20, rule: str = "riemann", layer_rules=None, like_riemann=None
-) -> torch.Tensor:
+def reference(model, prompt: Prompt, target, quad: Quadrature | int = 20, with_acts: bool = False) -> torch.Tensor:
     """[L, I] attribution scores, one whole-model pass per layer (batch of m scaled copies).
-    target: a token id, or the token ids of a k-token answer; rule: one of QUADRATURE;
-    layer_rules: {layer: (rule, steps[, like_riemann])} for layers with their own; like_riemann: see
-    `quadrature`."""
+    target: a token id, or the token ids of a k-token answer; quad: a Quadrature or the paper's m.
+    with_acts: (scores, the [L, I] activations at the answer position of the clean pass)."""
     targets = as_ids(target)
     prompt = answering(prompt, targets, arch.arch_of(model).causal)
     acts, _ = clean_activations(model, prompt)
-    points = schedule(acts.shape[0], rule, steps, layer_rules, model.device, like_riemann)
+    points = Quadrature.of(quad).points(acts.shape[0], model.device)
     scores = torch.zeros_like(acts)
     for l in range(acts.shape[0]):
         alphas, weights = points[l]
@@ -189,20 +198,11 @@ def reference(
             p = answer_prob(model(ids).logits, prompt.pos, targets)
         (grad,) = torch.autograd.grad(p.sum(), scaled)
         scores[l] = _integral(grad, acts[l], weights)
-    return scores
+    return (scores, acts) if with_acts else scores
 
 
 def fast(
-    model,
-    prompt: Prompt,
-    target,
-    steps: int = 20,
-    dtype: torch.dtype | None = None,
-    max_rows: int | None = None,
-    rule: str = "riemann",
-    layer_rules=None,
-    like_riemann: int | None = None,
-    with_acts: bool = False,
+    model, prompt: Prompt, target, quad: Quadrature | int = 20, dtype=None, max_rows: int | None = None, with_acts=False
 ) -> torch.Tensor:
     """Same numbers as `reference` (fp32), with layers joining the batch at their own layer.
     with_acts: (scores, the [L, I] activations at the answer position of the clean pass).
@@ -213,7 +213,7 @@ def fast(
     bf16/fp16 run on a cached low-precision copy of the weights, under autocast."""
     run = low_precision(model, dtype)
     with frozen(run), _attention(run):
-        points = schedule(arch.shape(run)[0], rule, steps, layer_rules, run.device, like_riemann)
+        points = Quadrature.of(quad).points(arch.shape(run)[0], run.device)
         out = _fast(run, prompt, target, dtype, max_rows, points)
     return out if with_acts else out[0]
 
@@ -229,7 +229,7 @@ def _attention(model):
 
 
 def _fast(model, prompt, target, dtype, max_rows, points):
-    """points: per layer (alphas, weights), `schedule`."""
+    """points: per layer (alphas, weights), Quadrature.points."""
     a = arch.arch_of(model)
     L, _ = arch.shape(model)
     c = _clean_pass(model, a, prompt, target, dtype)
@@ -414,17 +414,7 @@ def _autocast(model, dtype):
 
 
 # ---------------------------------------------------------------- several prompts in one pass
-def fast_many(
-    model,
-    items: list,
-    steps: int = 20,
-    dtype: torch.dtype | None = None,
-    max_rows: int | None = None,
-    rule: str = "riemann",
-    layer_rules=None,
-    like_riemann: int | None = None,
-    with_acts: bool = False,
-) -> list:
+def fast_many(model, items: list, quad: Quadrature | int = 20, dtype=None, max_rows: int | None = None, with_acts=False) -> list:
     """`fast` for several prompts at once: items [(prompt, target), ...], one [L, I] score tensor each
     (with_acts: (scores, activations) each).
 
@@ -435,10 +425,10 @@ def fast_many(
     and the padding is masked out of attention: no position that is scored sees it. The numbers are
     those of `fast` on each prompt alone up to float rounding (the matrix products have other shapes)."""
     if len(items) == 1:
-        return [fast(model, items[0][0], items[0][1], steps, dtype, max_rows, rule, layer_rules, like_riemann, with_acts)]
+        return [fast(model, items[0][0], items[0][1], quad, dtype, max_rows, with_acts)]
     run = low_precision(model, dtype)
     with frozen(run), _attention(run):
-        points = schedule(arch.shape(run)[0], rule, steps, layer_rules, run.device, like_riemann)
+        points = Quadrature.of(quad).points(arch.shape(run)[0], run.device)
         out = _fast_many(run, items, dtype, max_rows, points)
     return out if with_acts else [s for s, _ in out]
 
@@ -567,17 +557,7 @@ def _group_grads_many(model, a, layers, cs, batch, points, dtype):
 
 
 def scores_many(
-    model,
-    items: list,
-    steps: int = 20,
-    engine: str = "fast",
-    dtype=None,
-    rule: str = "riemann",
-    batch: int = 1,
-    tick=None,
-    layer_rules=None,
-    like_riemann: int | None = None,
-    with_acts: bool = False,
+    model, items: list, quad: Quadrature | int = 20, engine: str = "fast", dtype=None, batch=1, tick=None, with_acts=False
 ) -> list:
     """`scores` of items [(prompt, target), ...], in their order (with_acts: (scores, activations), see `scores`). batch > 1 (the fast engine): passes of up
     to `batch` prompts (fast_many), formed after sorting the prompts by shape, so that prompts of equal
@@ -587,7 +567,7 @@ def scores_many(
     if batch <= 1 or engine != "fast":
         out = []
         for p, t in items:
-            out.append(scores(model, p, t, steps, engine, dtype, rule, layer_rules, like_riemann, with_acts))
+            out.append(scores(model, p, t, quad, engine, dtype, with_acts))
             tick(1)
         return out
     causal = arch.arch_of(model).causal
@@ -601,9 +581,7 @@ def scores_many(
     out = [None] * len(items)
     for i in range(0, len(order), batch):
         chunk = order[i : i + batch]
-        for k, s in zip(
-            chunk, fast_many(model, [items[k] for k in chunk], steps, dtype, None, rule, layer_rules, like_riemann, with_acts)
-        ):
+        for k, s in zip(chunk, fast_many(model, [items[k] for k in chunk], quad, dtype, None, with_acts)):
             out[k] = s
         tick(len(chunk))
     return out
@@ -612,25 +590,10 @@ def scores_many(
 ENGINES = {"reference": reference, "fast": fast}
 
 
-def scores(
-    model,
-    prompt: Prompt,
-    target,
-    steps: int = 20,
-    engine: str = "fast",
-    dtype=None,
-    rule: str = "riemann",
-    layer_rules=None,
-    like_riemann: int | None = None,
-    with_acts: bool = False,
-):
+def scores(model, prompt: Prompt, target, quad: Quadrature | int = 20, engine: str = "fast", dtype=None, with_acts=False):
     """[L, I] scores; with_acts: (scores, [L, I] activations at the answer position of the prompt the answer
     is read from (a k-token answer: with its first k - 1 tokens appended, or k masks), in the compute dtype)."""
     if engine == "reference":
         with _autocast(model, dtype):
-            s = reference(model, prompt, target, steps, rule, layer_rules, like_riemann)
-            if not with_acts:
-                return s
-            return s, clean_activations(model, answering(prompt, as_ids(target), arch.arch_of(model).causal))[0]
-    kw = dict(rule=rule, layer_rules=layer_rules, like_riemann=like_riemann, with_acts=with_acts)
-    return fast(model, prompt, target, steps, dtype, **kw)
+            return reference(model, prompt, target, quad, with_acts)
+    return fast(model, prompt, target, quad, dtype, with_acts=with_acts)

@@ -13,22 +13,16 @@ from .neurons import Located, choose_share, coarse, finish
 CHUNK_PASSES = 8
 
 
+def quadrature(method) -> attribution.Quadrature:
+    """spec.Locate's integral settings as attribution takes them."""
+    return attribution.Quadrature(method.steps, method.rule, method.like_riemann, method.own_rules())
+
+
 def locate_fact(model, fact, method, dtype=None, tick=lambda: None) -> Located:
     """One fact (plan.batch.Fact): per prompt attribution scores, coarse sets and activations.
     method: spec.Locate; tick() after each prompt."""
     scores = (
-        attribution.scores(
-            model,
-            p,
-            fact.target_ids,
-            method.steps,
-            method.engine,
-            dtype,
-            method.rule,
-            method.own_rules(),
-            method.like_riemann,
-            with_acts=True,
-        )
+        attribution.scores(model, p, fact.target_ids, quadrature(method), method.engine, dtype, with_acts=True)
         for p in fact.prompts
     )
     return _located(fact, scores, method.threshold, tick)
@@ -81,19 +75,7 @@ def _locate_chunk(model, facts, method, dtype, tick) -> list[Located]:
     items = [(p, f.target_ids) for f in facts for p in f.prompts]
     ticks = lambda n: [tick() for _ in range(n)]
     scores = iter(
-        attribution.scores_many(
-            model,
-            items,
-            method.steps,
-            method.engine,
-            dtype,
-            method.rule,
-            method.batch,
-            ticks,
-            method.own_rules(),
-            method.like_riemann,
-            with_acts=True,
-        )
+        attribution.scores_many(model, items, quadrature(method), method.engine, dtype, method.batch, ticks, with_acts=True)
     )
     return [_located(f, scores, method.threshold) for f in facts]
 
