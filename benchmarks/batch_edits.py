@@ -171,7 +171,9 @@ def main():
     model, tok = loaded.model, loaded.tok
     F, edited, other, plan, order = planned(args, model, tok, t0)
     draws = any((RULES.get(_parsed(r)[1]) or {}).get("solve", {}).get("pararel_facts") for r in rules_run)
-    args.pool = pool(args.pararel, F, edited, other, plan) if draws and not args.no_pool else None
+    # an erase measures every known fact of every relation
+    measured = {(r, s) for r in F.found for s, _ in F.found[r]["known"]} if args.erase else None
+    args.pool = pool(args.pararel, F, edited, other, plan, measured) if draws and not args.no_pool else None
 
     neighbours = [(p, o) for r in edited for s, o in plan[r][2] for p in F.prompts(r, s)]
     others = [(p, o) for r in other for s, o in F.found[r]["known"] for p in F.prompts(r, s)]
@@ -251,11 +253,12 @@ def planned(args, model, tok, t0=None):
     return F, edited, other, plan, order
 
 
-def pool(d: Path, F, edited, other, plan) -> Path:
+def pool(d: Path, F, edited, other, plan, measured=None) -> Path:
     """The PARAREL directory kn-edit is given, as a user would give it, less every fact this benchmark
-    measures (the edited relations' neighbours, the other relations' facts): a temporary copy of d's
-    facts, its templates linked."""
-    measured = {(r, s) for r in edited for s, _ in plan[r][2]} | {(r, s) for r in other for s, _ in F.found[r]["known"]}
+    measures (the edited relations' neighbours, the other relations' facts; or `measured`, {(relation,
+    subject)}): a temporary copy of d's facts, its templates linked."""
+    if measured is None:
+        measured = {(r, s) for r in edited for s, _ in plan[r][2]} | {(r, s) for r in other for s, _ in F.found[r]["known"]}
     out = Path(tempfile.mkdtemp(prefix="pararel-pool-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     (out / "trex").mkdir()
@@ -368,7 +371,10 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
     for rule in [x for x in args.rules.split(",") if x != "plain"]:
         control, real = _parsed(rule)
         method = {"erase": {"rule": "paper"}} if rule == "paper" else {**RULES[real], "erase": {"rule": "solve"}}
-        spec = Spec.model_validate({**spec_data, "method": method})
+        draws = method.get("solve", {}).get("pararel_facts")
+        spec = Spec.model_validate(
+            {**spec_data, "method": method} | ({"pararel": str(args.pool or args.pararel)} if draws else {})
+        )
         batch = prepare(spec)
         batch.source = loaded.source
         locate(model, batch.edits, spec.method, None, cache)

@@ -226,8 +226,9 @@ class Solve(_Strict):
         ge=0,
         le=100,
         description="per update, this many other facts of its relation (a PARAREL id such as P36) drawn from the "
-        "PARAREL directory (pararel:, --pararel or $KN_EDIT_PARAREL; needed when this is set) keep their answers "
-        "(KL term only; 0: none)",
+        "PARAREL directory (pararel:, --pararel or $KN_EDIT_PARAREL; needed when this is set) keep their answers; per "
+        "erase, this many facts of each relation that answers with the erased answers (e.g. languages) (KL term only; "
+        "0: none)",
     )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")

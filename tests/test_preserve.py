@@ -115,3 +115,42 @@ def test_prompts_kept_by_the_kl_alone_hold_their_answers(llama_dir, world, monke
                 S.arch.value_slots(m, l)[i] = v
     assert kept[True] >= kept[False] and kept[True] >= len(near) - 1, kept
     assert seen[0] == seen[1]  # not in the spread term's moments
+
+
+def test_an_erase_keeps_the_kin_relations_facts(llama_dir, world, tmp_path, write_spec):
+    """pararel_facts with an erase: facts of each relation whose answers are the erased answers (here `seat`,
+    other subjects answering with cities), in that relation's own templates; not a relation with other
+    answers (`maker`), not the erased relation, not a subject the spec names."""
+    given = world.facts["capital"][:6]
+    answers = {o for _, o in given}
+    seat = [(s, world.facts["capital"][k][1]) for k, (s, _) in enumerate(world.facts["language"])]
+    d = tmp_path / "p"
+    (d / "patterns").mkdir(parents=True)
+    (d / "trex").mkdir()
+    for r, rows, temps in (("capital", world.facts["capital"], world.templates("capital")), ("seat", seat, world.templates("capital")[2:]),
+                           ("maker", world.facts["maker"], world.templates("maker"))):  # fmt: skip
+        (d / "patterns" / f"{r}.jsonl").write_text("".join(json.dumps({"pattern": t}) + "\n" for t in temps))
+        (d / "trex" / f"{r}.jsonl").write_text("".join(json.dumps({"sub_label": s, "obj_label": o}) + "\n" for s, o in rows))
+    named = seat[0][0]  # a subject verify measures is never kept
+    verify = {
+        "facts": [
+            {"relation": "seat", "templates": world.templates("capital")[:1], "facts": [{"subject": named, "target": seat[0][1]}]}
+        ]
+    }
+    erase = {"erase": {"relation": "capital", "templates": list(world.templates("capital")), "facts": [{"subject": s, "target": o} for s, o in given]}}  # fmt: skip
+    doc = {
+        "model": str(llama_dir),
+        "pararel": str(d),
+        "edits": [erase],
+        "verify": verify,
+        "method": {"solve": {"pararel_facts": 5}},
+    }
+    batch = prepare(write_spec(doc))
+    got = preserve.pararel_prompts(batch, 5)
+    kin = {s for s, o in seat if o in answers and s != named}
+    assert len(kin) > 5 and len(got) == 5 * 2  # 5 facts, the relation's two templates
+    said = {s for s, _ in seat if any(f" {s} " in f" {p.text} " for p in got)}
+    assert said <= kin and len(said) == 5
+    assert all(any(p.text.startswith(t.split("[X]")[0]) for t in world.templates("capital")[2:]) for p in got)
+    assert not any(s in p.text for p in got for s, _ in world.facts["maker"] + world.facts["capital"])
+    assert got == preserve.pararel_prompts(batch, 5)  # seeded

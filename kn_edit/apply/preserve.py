@@ -7,7 +7,9 @@
 - everyday factual prompts (data/prompts_preserve.txt);
 - plain English text (data/text_preserve.txt), every position (masked LMs: every 7th token masked);
 - with a PARAREL directory and `solve.pararel_facts`, that many other facts of each update's relation
-  (a PARAREL relation id such as P36), drawn from it (KL term only: pararel_prompts()).
+  (a PARAREL relation id such as P36), drawn from it, and for an erase that many facts of each kin
+  relation: one whose facts answer with the erased answers (languages for "native language": "X speaks")
+  (KL term only: pararel_prompts()).
 
 Never `verify.facts`, the probe prompts or the probe text: those measure the result and stay unseen.
 A prompt naming a subject the spec edits is left out (its answer may rightly change).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 from functools import cache
+from pathlib import Path
 
 from ..measure.safety import prompts as shipped_prompts
 from ..measure.safety import shipped
@@ -125,15 +128,46 @@ def drawn_facts(batch, e, n: int, subjects: list[str] | None, seed: int = 0) -> 
     return _filled(batch, _templates(e)[:2], picked)
 
 
+KIN_SHARE = 0.2  # a relation is kin to an erased one when this share of its facts answer with an erased answer
+
+
+@cache
+def _relations(d: str) -> tuple[str, ...]:
+    return tuple(sorted(x.stem for x in (Path(d) / "patterns").glob("*.jsonl")))
+
+
+def kin_facts(batch, e, n: int, unseen: set[str], seed: int = 0) -> list:
+    """Erase e: per kin relation of the PARAREL directory (at least KIN_SHARE of its facts answer with one of
+    e's facts' answers), n of its facts that answer so (_drawable subjects), seeded, in its first two usable
+    templates: one relation is forgotten, not every fact with those answers."""
+    answers = {f.target for f in e.facts}
+    out = []
+    for r in _relations(batch.pararel):
+        try:
+            pairs = pararel.facts(batch.pararel, r) if r != e.relation else []
+        except SpecError:
+            continue
+        if not pairs or sum(o in answers for _, o in pairs) < KIN_SHARE * len(pairs):
+            continue
+        ok = set(_drawable(batch, r, unseen) or ())
+        subjects = sorted({s for s, o in pairs if o in answers and s in ok})
+        picked = random.Random(f"kn-edit-kin:{seed}:{e.relation}:{r}").sample(subjects, min(n, len(subjects)))
+        temps = pararel.usable_templates(pararel.templates(batch.pararel, r), batch.causal)[:2]
+        out += _filled(batch, temps, picked)
+    return out
+
+
 def pararel_prompts(batch, n: int, seed: int = 0) -> list:
-    """drawn_facts() of every update (solve.pararel_facts), for the batch solve's KL term only; at most
-    MAX_DRAWN (a seeded sample)."""
+    """drawn_facts() of every update and kin_facts() of every erase (solve.pararel_facts), for the batch
+    solve's KL term only; at most MAX_DRAWN (a seeded sample)."""
     if n <= 0 or not batch.pararel:
         return []
     unseen, pool = _unseen(batch), {}
     out = []
     for e in batch.edits:
-        if e.kind == "update":
+        if e.kind == "erase":
+            out += kin_facts(batch, e, n, unseen, seed)
+        elif e.kind == "update":
             if e.relation not in pool:
                 pool[e.relation] = _drawable(batch, e.relation, unseen)
             out += drawn_facts(batch, e, n, pool[e.relation], seed)
