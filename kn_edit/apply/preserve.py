@@ -96,8 +96,13 @@ def _unseen(batch) -> set[str]:
 
 
 @cache
+def _facts_of(d: str, relation: str) -> tuple[tuple[str, str], ...]:
+    return tuple(pararel.facts(d, relation))
+
+
+@cache
 def _subjects_of(d: str, relation: str) -> tuple[str, ...]:
-    return tuple(sorted({s for s, _ in pararel.facts(d, relation)}))
+    return tuple(sorted({s for s, _ in _facts_of(d, relation)}))
 
 
 def _drawable(batch, relation: str, avoid: set[str]) -> list[str] | None:
@@ -143,8 +148,10 @@ def kin_facts(batch, e, n: int, unseen: set[str], seed: int = 0) -> list:
     answers = {f.target for f in e.facts}
     out = []
     for r in _relations(batch.pararel):
+        if r == e.relation:
+            continue
         try:
-            pairs = pararel.facts(batch.pararel, r) if r != e.relation else []
+            pairs = _facts_of(batch.pararel, r)
         except SpecError:
             continue
         if not pairs or sum(o in answers for _, o in pairs) < KIN_SHARE * len(pairs):
