@@ -77,9 +77,6 @@ RULES = {
     "steps160": {"solve": {"steps": 160}},
     "pfacts4": {"solve": {"pararel_facts": 4}},  # 4 PARAREL facts of its relation per edit kept (KL only)
     "pfacts8": {"solve": {"pararel_facts": 8}},
-    "ent1000": {"solve": {"entities": 1000}},
-    "ent3000": {"solve": {"entities": 3000}},
-    "ent1000-pick64": {"solve": {"entities": 1000}, "_pick": 64},
     "paper": {"update": {"rule": "authors", "sign_aware": False, "scale": "fixed", "norm_cap": None}},
     "plain": {"update": {"rule": "plain"}},
 }
@@ -334,9 +331,8 @@ def edit(model, batch, edits, rule, args):
     """Apply `rule` to the located batch (control-RULE: RULE's solve on as many random neurons of the same
     layers; control: the default's); the undo handle and the number of columns written."""
     control, real = _parsed(rule)
-    settings = {k: v for k, v in (RULES.get(real) or {}).items() if not k.startswith("_")}
-    method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": settings}).method
-    others = preserve.others(batch, method.solve.select, args.seed, (RULES.get(real) or {}).get("_pick", 0))
+    method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
+    others = preserve.others(batch, method.solve.select, args.seed)
     choose(model, batch.edits, method, others)
     neurons = None
     if control:

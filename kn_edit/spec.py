@@ -230,13 +230,6 @@ class Solve(_Strict):
         "erase, this many facts of each relation that answers with the erased answers (e.g. languages) (KL term only; "
         "0: none)",
     )
-    entities: int = Field(
-        0,
-        ge=0,
-        le=20000,
-        description="this many capitalised words of the vocabulary (none of an edited subject) join the spread term's "
-        "positions: the change written at one subject kept from other names (0: none)",
-    )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")
     l2: float = Field(0.01, ge=0, allow_inf_nan=False, description="weight of sum |d|^2 / |v|^2 over the changed slots")

@@ -154,34 +154,3 @@ def test_an_erase_keeps_the_kin_relations_facts(llama_dir, world, tmp_path, writ
     assert all(any(p.text.startswith(t.split("[X]")[0]) for t in world.templates("capital")[2:]) for p in got)
     assert not any(s in p.text for p in got for s, _ in world.facts["maker"] + world.facts["capital"])
     assert got == preserve.pararel_prompts(batch, 5)  # seeded
-
-
-def _word_tokenizer(words):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.WordLevel({w: k for k, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
-
-
-def test_entity_keys_fill_the_edit_templates_with_other_names():
-    """Capitalised words of the vocabulary, never a word of an edited subject, in the edits' own templates cut
-    after the subject, the word as the subject; seeded."""
-    from types import SimpleNamespace as NS
-
-    words = ["the", "maker", "of", "is", "made", "by", "Toyota", "Corolla", "Paris", "Berlin", "Honda", "Abc", "Nile", "Rome"]
-    tok = _word_tokenizer(words)
-    texts = ["the maker of Toyota Corolla is [Y]", "Toyota Corolla is made by [Y]"]
-    fact = NS(subject="Toyota Corolla", prompts=[NS(text=t) for t in texts])
-    batch = NS(tok=tok, causal=True, edits=[NS(kind="update", shown=[fact])])
-    keys = preserve.entity_keys(batch, 40, seed=0)
-    assert len(keys) == 40
-    for p in keys:
-        word = tok.convert_ids_to_tokens([p.ids[p.subject]])[0]
-        assert word in {"Paris", "Berlin", "Honda", "Nile", "Rome"}, word  # Abc: too short; Toyota, Corolla: edited
-        assert p.text in (f"the maker of {word} [Y].", f"{word} [Y].") and p.subject == len(p.ids) - 1, p
-    assert len({p.text.startswith("the") for p in keys}) == 2  # both templates
-    assert [p.ids for p in preserve.entity_keys(batch, 40, seed=0)] == [p.ids for p in keys]
-    assert [p.ids for p in preserve.entity_keys(batch, 40, seed=1)] != [p.ids for p in keys]
-    assert preserve.entity_keys(batch, 0) == []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import re
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 from ..measure.safety import prompts as shipped_prompts
@@ -70,12 +70,9 @@ def same_relation(batch, e, n: int = 8, seed: int = 0) -> list:
     return out
 
 
-def others(batch, select: str, seed: int = 0, entities: int = 0) -> list | None:
-    """Per edit, its same_relation prompts (and `entities` entity_keys in its own templates), for choosing
-    neurons at the subject (None: select score)."""
-    if select == "score":
-        return None
-    return [same_relation(batch, e, seed=seed) + entity_keys(batch, entities, seed, [e]) for e in batch.edits]
+def others(batch, select: str, seed: int = 0) -> list | None:
+    """Per edit, its same_relation prompts, for choosing neurons at the subject (None: select score)."""
+    return None if select == "score" else [same_relation(batch, e, seed=seed) for e in batch.edits]
 
 
 def erased_elsewhere(model, batch, e, n: int = 16, seed: int = 0) -> list[tuple]:
@@ -184,41 +181,6 @@ def pararel_prompts(batch, n: int, seed: int = 0) -> list:
     out = list({p.ids: p for p in out}.values())
     rng = random.Random(f"kn-edit-drawn:{seed}")
     return sorted(rng.sample(out, MAX_DRAWN), key=out.index) if len(out) > MAX_DRAWN else out
-
-
-ENTITY = re.compile(r"^[A-Z][a-z]{3,}$")
-
-
-@lru_cache(maxsize=4)
-def _names(tok) -> tuple[str, ...]:
-    """The capitalised words (ENTITY) among the tokenizer's tokens."""
-    words = {tok.convert_tokens_to_string([p]).strip() for p in tok.convert_ids_to_tokens(list(range(len(tok)))) if p}
-    return tuple(sorted(w for w in words if ENTITY.match(w)))
-
-
-def entity_keys(batch, n: int, seed: int = 0, edits=None) -> list:
-    """n prompts: an edit's template cut after [X], filled with a capitalised word of the tokenizer's
-    vocabulary (none a word of an edited subject), the word as its subject (seeded). Their positions join
-    the spread term's moments: how the written neurons fire at other names in the edits' own contexts,
-    where a change written at one subject leaks (a name read alone, at the first position, fires them
-    unlike any name in a sentence)."""
-    updates = [e for e in (batch.edits if edits is None else edits) if e.kind == "update"]  # an erase forgets for every name
-    templates = sorted({t.split("[X]")[0] + "[X]" for e in updates for t in _templates(e)})
-    if n <= 0 or not templates:
-        return []
-    edited = {w for s in _avoid(batch) for w in re.findall(r"\w+", s)}
-    words = [w for w in _names(batch.tok) if w.lower() not in edited]
-    rng = random.Random(f"kn-edit-entities:{seed}:{templates}")
-    out = []
-    for _ in range(n if words else 0):
-        t, w = rng.choice(templates), rng.choice(words)
-        try:
-            p = encode(batch.tok, f"{t.replace('[X]', w)} [Y].", batch.causal, w)
-        except Exception:  # noqa: BLE001 - a filled template this tokenizer cannot read is left out
-            continue
-        if p.subject is not None:
-            out.append(p)
-    return out
 
 
 def keep_prompts(batch, seed: int = 0) -> list:

@@ -215,15 +215,12 @@ def _kl(base_logp, logits):
     return (base_logp.exp() * (base_logp - logits.log_softmax(-1))).sum()
 
 
-def solve(
-    model, columns, goals: list[Goal], keep_prompts=(), text=(), settings: Settings | None = None, causal=False, near=(), keys=()
-):
+def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings: Settings | None = None, causal=False, near=()):
     """{(layer, neuron): change of its value slot} for all goals together, and Stats.
     text: (token ids, scored positions) windows of plain text; causal: the model is a causal LM;
     near: prompts kept by the KL term like keep_prompts but left out of the spread term's moments (facts
     of the edited relations, which fire the edits' own neurons: in the spread term they would hold
-    every edit back; at the answer the KL holds back only what changes their answers);
-    keys: prompts whose subject position (alone) joins the spread term's moments (preserve.entity_keys)."""
+    every edit back; at the answer the KL holds back only what changes their answers)."""
     s = settings or Settings()
     layer = min(l for l, _ in columns)
     reads = [(g, *r) for g in goals for r in g.reads(arch.arch_of(model).causal)]
@@ -236,10 +233,8 @@ def solve(
     keep_rows = _rows(model, [list(p.ids) for p in keep_prompts], [[p.pos] for p in keep_prompts], layer, 16, causal)
     text_rows = _rows(model, [list(w) for w, _ in text], [list(at) for _, at in text], layer, 1, causal)
     near_rows = _rows(model, [list(p.ids) for p in near], [[p.pos] for p in near], layer, 16, causal)
-    key_ids = [list(p.ids[: p.subject + 1] if causal else p.ids) for p in keys]
-    key_rows = _rows(model, key_ids, [[p.subject] for p in keys], layer, 64, causal)
     delta = _Delta(model, columns)
-    delta.moments(keep_rows + text_rows + key_rows, layer)  # the base log-probs, and the spread term's moments
+    delta.moments(keep_rows + text_rows, layer)  # the base log-probs, and the spread term's moments
     with torch.no_grad():
         for r in near_rows:
             r.base = _logits(model, r, layer).log_softmax(-1)
