@@ -66,6 +66,8 @@ RULES = {
     "spread0": {"solve": {"spread": 0, "rise": 1.0, "min_steps": 0}},  # the default before the spread term
     "stop": {"solve": {"min_steps": 0}},  # stop once every edit prompt is done (the default before min_steps)
     "spread10": {"solve": {"spread": 10}},
+    "patch": {"solve": {"select": "patch"}},  # a memory neuron per edit and layer (apply/patch.py)
+    "patch-5layers": {"solve": {"select": "patch", "max_layer": 0.25}},  # layers 3-7 of SmolLM2's 30 (measured first)
     "spread100": {"solve": {"spread": 100}},  # the default
     "spread300": {"solve": {"spread": 300}},
     "spread1000": {"solve": {"spread": 1000}},
@@ -158,6 +160,7 @@ def main():
         action="store_true",
         help="give kn-edit no PARAREL directory (solve.pararel_facts then draws nothing)",
     )
+    ap.add_argument("--changed", action="store_true", help="also write the prompts whose top-1 changed, per row")
     ap.add_argument(
         "--erase", metavar="RELATION", help="instead: erase RELATION with the solve, the paper's rule and the control"
     )
@@ -217,6 +220,17 @@ def main():
             hits = [[int(x) == i for x in top1(ps)] for ps, i in zip(loc, new_ids, strict=True)]
             ghits = [int(x) == i for ps, i in zip(held, new_ids, strict=True) for x in top1(ps)]
             after = {"neigh": top1(neighbour_prompts), "other": top1(other_prompts), "probe": top1(probe)}
+            if args.changed:  # the prompts whose top-1 changed, for a look at where the edits leak
+                sets = {"neigh": neighbour_prompts, "other": other_prompts, "probe": probe}
+                moved = {
+                    k: [
+                        (p.text, tok.decode([a]), tok.decode([b]))
+                        for p, a, b in zip(sets[k], base[k], after[k], strict=True)
+                        if a != b
+                    ]
+                    for k in sets
+                }
+                (args.out.parent / f"{args.out.name}-changed-{rule}-{n}.json").write_text(json.dumps(moved, indent=1))
             row = _row(n, rule, hits, ghits, _kept_all(base, after, right), model, tok, text, base_ppl)
             row |= {"columns": columns, "locate_s": t_locate, "edit_s": t_edit}
             undo.restore()
@@ -333,7 +347,8 @@ def edit(model, batch, edits, rule, args):
     control, real = _parsed(rule)
     method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
     others = preserve.others(batch, method.solve.select, args.seed)
-    choose(model, batch.edits, method, others)
+    text = preserve.background(batch, args.seed) if method.solve.select == "patch" else ()
+    choose(model, batch.edits, method, others, text)
     neurons = None
     if control:
         r_ = random.Random(args.seed)

@@ -107,12 +107,19 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
             batch.file, [("method.locate.layer_rules", f"layer {deeper[0]} is not a layer of this model (it has 0..{L - 1})")]
         )
 
+    fam = arch.arch_of(model)
+    if method.solve.select == "patch" and not (fam.gate and fam.key):
+        raise specmod.SpecError(
+            batch.file,
+            [("method.solve.select", f"patch needs a gated MLP with its own gate and up projections; {fam.name} has none")],
+        )
     with progress.timed("locating neurons"):
         locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
     with progress.timed("choosing neurons"):
         select = selection(model, method.solve)
         others = preserve.others(batch, select, seed)
-        batch.warnings += choose(model, batch.edits, method, others)
+        text = preserve.background(batch, seed) if select == "patch" else ()
+        batch.warnings += choose(model, batch.edits, method, others, text)
     undo = None
 
     def edited():

@@ -312,3 +312,105 @@ def test_min_steps_unset_means_all_steps_for_a_spec_that_erases_and_none_otherwi
     assert (settings(method, 0, erases=True).min_steps, settings(method, 0).min_steps) == (50, 0)
     method = Method.model_validate({"solve": {"steps": 50, "min_steps": 7}})
     assert (settings(method, 0, erases=True).min_steps, settings(method, 0).min_steps) == (7, 7)
+
+
+def test_patch_gives_each_edit_its_own_neurons_and_changes_only_their_rows(llama_dir, world, write_spec, tmp_path):
+    """solve.select: patch: each edit takes, per patch layer, a neuron no other edit takes; its key
+    (gate and up rows) is k = K^-1 x_e / (x_e K^-1 x_e) scaled, so it reads patch.SIZE at the subject;
+    the checkpoint differs from the base in those neurons' gate rows, up rows and value slots only,
+    and the edits take."""
+    from conftest import build
+    from safetensors.torch import load_file
+
+    from kn_edit.apply import patch
+
+    edits = [update_edit(world, "capital", k) for k in (0, 5, 10)]
+    spec = {
+        "model": str(llama_dir),
+        "method": {"steps": 4, "solve": {"select": "patch", "min_layer": 0.0, "max_layer": 1.0, "steps": 200}},
+        "edits": edits,
+    }
+    report = build(write_spec(spec), tmp_path / "out")
+    assert report["metrics"]["efficacy"] == 1.0
+    neurons = [tuple(n) for e in json.loads((tmp_path / "out" / "neurons.json").read_text())["edits"] for n in e["edited"]]
+    assert len(neurons) == len(set(neurons)) == 3 * len({l for l, _ in neurons})
+    base = pipeline.load(str(llama_dir), device="cpu").model
+    edited = load_file(tmp_path / "out" / "model.safetensors")
+    L = {l for l, _ in neurons}
+    assert set(report["changed_tensors"]) == {
+        f(base, l) for l in L for f in (arch.gate_param_name, arch.key_param_name, arch.value_param_name)
+    }
+    for name, t in base.state_dict().items():
+        if name not in edited:
+            continue
+        rows = (edited[name] != t).any(1).nonzero().flatten().tolist() if t.dim() == 2 else []
+        cols = (edited[name] != t).any(0).nonzero().flatten().tolist() if t.dim() == 2 else []
+        layer = next((l for l in L if f".{l}.mlp." in name), None)
+        if name in report["changed_tensors"]:
+            mine = {i for l, i in neurons if l == layer}
+            assert set(cols if name.endswith("down_proj.weight") else rows) <= mine and (rows or cols)
+        else:
+            assert torch.equal(edited[name], t), name
+    # the key reads SIZE at the subject's last token of a located prompt (the mean over them: about SIZE)
+    m = pipeline.load(str(tmp_path / "out"), device="cpu").model
+    tok = pipeline.load(str(llama_dir), device="cpu").tok
+    (l, i) = neurons[0]
+    s, _ = world.facts["capital"][0]
+    p = encode(tok, world.templates("capital")[0].replace("[X]", s), True, subject=s)
+    seen = []
+    h = arch.value_module(m, l).register_forward_hook(lambda mod, a, o: seen.append(a[0][0, p.subject, i]))
+    with torch.no_grad():
+        m(torch.tensor([list(p.ids)]))
+    h.remove()
+    assert float(seen[0]) == pytest.approx(patch.SIZE, rel=0.3)
+
+
+def test_patch_key_is_the_constrained_least_squares_solution(llama_dir, world):
+    """patch.choose's key equals a plain solve of: least mean (k . x + 1)^2 over every position of the
+    background sequences, subject to k . x_e = 1 (x_e: the mean FFN input at the subject's last token),
+    as the KKT system [[2 X^T X / n + ridge, x_e], [x_e^T, 0]] [k, lam] = [-2 X^T 1 / n, 1]; gate and up
+    rows are ALPHA k and SIZE / act(ALPHA) k; each edit's neurons are the least-used free ones."""
+    from types import SimpleNamespace
+
+    from kn_edit.apply import patch
+
+    m, tok = (x := pipeline.load(str(llama_dir), device="cpu")).model, x.tok
+    ps = [
+        encode(tok, t.replace("[X]", world.facts["capital"][0][0]), True, subject=world.facts["capital"][0][0])
+        for t in world.templates("capital")
+    ]
+    seqs = [list(_prompts(tok, world, "capital", k)[0][0].ids) for k in (3, 4, 6, 7, 8)]
+    e, f = SimpleNamespace(located_prompts=ps), SimpleNamespace(located_prompts=ps)
+    patch.choose(m, [e, f], range(1, 3), seqs)
+    assert [l for l, _ in e.neurons] == [1, 2] and not set(e.neurons) & set(f.neurons)
+    for l in (1, 2):
+        xs, xe = [], []
+        hook = arch.key_module(m, l).register_forward_hook(lambda mod, a, o: xs.append(a[0][0].double()))
+        with torch.no_grad():
+            for s in seqs:
+                m(torch.tensor([s]))
+            n = len(xs)
+            for p in ps:
+                m(torch.tensor([list(p.ids[: p.subject + 1])]))
+        hook.remove()
+        X = torch.cat(xs[:n])
+        xe = torch.stack([x[-1] for x in xs[n:]]).mean(0)
+        K = X.T @ X / len(X)
+        K = K + patch.RIDGE * K.diagonal().mean() * torch.eye(len(K), dtype=K.dtype)
+        A = torch.zeros(len(K) + 1, len(K) + 1, dtype=K.dtype)
+        A[:-1, :-1], A[:-1, -1], A[-1, :-1] = 2 * K, xe, xe
+        b = torch.cat([-2 * X.mean(0), torch.ones(1, dtype=K.dtype)])
+        k = torch.linalg.solve(A, b)[:-1]
+        (i,) = [i for ll, i in e.neurons if ll == l]
+        g, u = e.keys[(l, i)]
+        assert torch.allclose(g.double() / patch.ALPHA, k, rtol=1e-3, atol=1e-5 * float(k.abs().max()))
+        act = float(patch._act(m, l)(torch.tensor(patch.ALPHA)))
+        assert torch.allclose(u.double() * act / patch.SIZE, k, rtol=1e-3, atol=1e-5 * float(k.abs().max()))
+        assert float((X @ k).mean()) < 0  # the background reads below 0
+
+
+def test_patch_on_a_family_without_a_gate_is_refused_by_field(bert_dir, world, write_spec, tmp_path):
+    spec = {"model": str(bert_dir), "method": {"solve": {"select": "patch"}}, "edits": [update_edit(world, "capital", 0)]}
+    r = _cli_build(write_spec(spec), tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert "method.solve.select" in r.output and "gated MLP" in r.output and not (tmp_path / "out").exists()

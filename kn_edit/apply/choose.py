@@ -21,7 +21,7 @@ from ..locate.attribution import clean_activations
 from ..locate.neurons import shared_by
 from ..model import arch
 from ..plan.batch import Written
-from . import rules
+from . import patch, rules
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def specificity(
     return a_f.pow(2) / (a_f.pow(2) + a_o.pow(2).mean(0) + 1e-12), a_f.abs()
 
 
-LAYERS = {"subject": (0.1, 0.6), "score": (0.5, 1.0), "specific": (0.5, 1.0)}  # the auto layer ranges
+LAYERS = {"subject": (0.1, 0.6), "score": (0.5, 1.0), "specific": (0.5, 1.0), "patch": (0.1, 0.167)}  # the auto layer ranges
 
 
 def selection(model, solve) -> str:
@@ -129,11 +129,21 @@ def layer_range(model, solve, select: str) -> range:
     return range(int(lo * L), max(int(lo * L) + 1, round(hi * L)))
 
 
-def choose(model, edits, method, others=None) -> list[str]:
+def choose(model, edits, method, others=None, text=()) -> list[str]:
     """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method.
-    others: per edit, prompts of its relation about other subjects (solve.select: specific).
-    Returns warnings for the report."""
+    others: per edit, prompts of its relation about other subjects (solve.select: specific, subject, patch);
+    text: token ids of plain text and preservation prompts (select: patch). Returns warnings for the report."""
     warnings, memo = [], {}
+    patched = []
+    if others is not None and selection(model, method.solve) == "patch":
+        patched = [k for k, e in enumerate(edits) if e.kind == "update" and solves(e, method)]
+        seqs = [list(t) for t in text] + [list(p.ids) for k in patched for p in others[k]]
+        patch.choose(
+            model,
+            [edits[k] for k in patched],
+            layer_range(model, method.solve, "patch"),
+            list({tuple(s): s for s in seqs}.values()),
+        )
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
         for k, e in enumerate(edits):
             located_on = len(e.located_prompts) if e.kind == "update" else None
@@ -142,7 +152,9 @@ def choose(model, edits, method, others=None) -> list[str]:
                     f"edit {k + 1} ({e.fact.subject}): located on {located_on} prompt(s); with fewer than {FEW_PROMPTS} "
                     "its neurons cannot be refined against other prompts (give more templates)"
                 )
-            if solves(e, method):
+            if k in patched:
+                e.written = Written("solve")
+            elif solves(e, method):
                 facts = e.located[:1] if e.kind == "update" else e.located
                 n = method.solve.neurons * (1 if e.kind == "update" else 4)
                 select = selection(model, method.solve) if e.kind == "update" and others is not None else "score"

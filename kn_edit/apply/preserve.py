@@ -214,3 +214,9 @@ def text_windows(batch, max_positions: int = 1 << 16) -> list[tuple[list[int], l
             body = [tok.mask_token_id if k + 1 in at else t for k, t in enumerate(w)]
             out.append(([tok.cls_token_id, *body, tok.sep_token_id], at))
     return out
+
+
+def background(batch, seed: int = 0) -> list[list[int]]:
+    """Token ids of the plain text windows and the preservation prompts: what solve.select: patch keys
+    its neurons against, and where it measures how much each neuron is used."""
+    return [list(w) for w, _ in text_windows(batch)] + [list(p.ids) for p in keep_prompts(batch, seed)]

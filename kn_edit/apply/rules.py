@@ -66,11 +66,18 @@ class Snapshot:
     def __init__(self, model, neurons):
         self.model = model
         self.saved = {(l, i): arch.value_slots(model, l)[i].clone() for l, i in sorted({tuple(n) for n in neurons})}
+        # and their gate and up rows, which solve.select: patch writes
+        self.keys = {n: arch.key_rows(model, n[0])[n[1]].clone() for n in self.saved} if arch.arch_of(model).key else {}
+        self.gates = {n: arch.gate_rows(model, n[0])[n[1]].clone() for n in self.saved} if arch.arch_of(model).gate else {}
 
     @torch.no_grad()
     def restore(self) -> None:
         for (l, i), v in self.saved.items():
             arch.value_slots(self.model, l)[i] = v
+        for (l, i), k in self.keys.items():
+            arch.key_rows(self.model, l)[i] = k
+        for (l, i), g in self.gates.items():
+            arch.gate_rows(self.model, l)[i] = g
 
 
 @contextlib.contextmanager

@@ -75,6 +75,7 @@ class Settings:
     edit_sample: int = 128  # edit prompts per step, at most (drawn afresh each step; all of them when fewer)
     sample: int = 32  # preservation prompts per step (and as many text tokens x 2), drawn afresh each step
     seed: int = 0
+    norm_floor: bool = False  # a slot's size (l2 term, step unit) at least its layer's mean slot norm (patched neurons)
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _logits(model, rows: _Rows, layer: int) -> torch.Tensor:
 class _Delta:
     """Forward hooks adding sum_j a_j d_j to the FFN outputs of the layers that hold selected slots."""
 
-    def __init__(self, model, columns):
+    def __init__(self, model, columns, floor: bool = False):
         by_layer: dict[int, list[int]] = {}
         for l, i in sorted(columns):
             by_layer.setdefault(l, []).append(i)
@@ -144,6 +145,8 @@ class _Delta:
         self.idx = {l: torch.tensor(idx, device=model.device) for l, idx in by_layer.items()}
         self.d = {l: torch.zeros(len(idx), hidden, device=model.device, requires_grad=True) for l, idx in by_layer.items()}
         self.norms = {l: arch.value_slots(model, l)[self.idx[l]].norm(dim=1).detach() for l in by_layer}
+        if floor:
+            self.norms = {l: n.clamp_min(float(arch.value_slots(model, l).norm(dim=1).mean())) for l, n in self.norms.items()}
         self.model = model
         self.hooks = []
 
@@ -233,7 +236,7 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
     keep_rows = _rows(model, [list(p.ids) for p in keep_prompts], [[p.pos] for p in keep_prompts], layer, 16, causal)
     text_rows = _rows(model, [list(w) for w, _ in text], [list(at) for _, at in text], layer, 1, causal)
     near_rows = _rows(model, [list(p.ids) for p in near], [[p.pos] for p in near], layer, 16, causal)
-    delta = _Delta(model, columns)
+    delta = _Delta(model, columns, s.norm_floor)
     delta.moments(keep_rows + text_rows, layer)  # the base log-probs, and the spread term's moments
     with torch.no_grad():
         for r in near_rows:

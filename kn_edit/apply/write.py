@@ -8,7 +8,7 @@ from __future__ import annotations
 from .. import progress
 from ..locate.attribution import clean_activations
 from ..measure.metrics import mean
-from . import preserve, rules
+from . import patch, preserve, rules
 from .choose import solves
 from .solve import Goal, Settings, solve
 
@@ -46,7 +46,7 @@ def settings(method, seed: int, erases: bool = False) -> Settings:
     s = method.solve
     names = ("steps", "lr", "keep", "text", "l2", "spread", "margin", "rise", "sample")
     min_steps = s.min_steps if s.min_steps is not None else (s.steps if erases else 0)
-    return Settings(**{k: getattr(s, k) for k in names}, min_steps=min_steps, seed=seed)
+    return Settings(**{k: getattr(s, k) for k in names}, min_steps=min_steps, seed=seed, norm_floor=s.select == "patch")
 
 
 def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> rules.Snapshot:
@@ -58,6 +58,8 @@ def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> r
     neurons = [e.neurons for e in edits] if real else neurons
     done = rules.Snapshot(model, [n for ns in neurons for n in ns])
     solved = [k for k, e in enumerate(edits) if solves(e, method) and neurons[k]]
+    if real:
+        patch.write(model, edits)
     if solved:
         columns = sorted({n for k in solved for n in neurons[k]})
         max_pos = getattr(model.config, "max_position_embeddings", 1 << 16)

@@ -26,6 +26,8 @@ class Arch:
     blocks: str
     value: str
     output: str
+    key: str | None = None
+    gate: str | None = None
     conv1d: bool = False
     gated: bool = False
     ffn_norm: str | None = None
@@ -146,9 +148,41 @@ def value_slots(model, layer: int) -> torch.Tensor:
     return w if arch_of(model).conv1d else w.t()
 
 
+def key_module(model, layer: int) -> torch.nn.Module:
+    """The FFN's input projection whose output row i is neuron i's (up-)projection: W1, or `up` of act(gate) * up."""
+    a = arch_of(model)
+    if a.key is None:
+        raise UnsupportedModel(f"{a.name}: no `key` entry in architectures.yaml (the key rows cannot be changed)")
+    return get(blocks(model)[layer], a.key)
+
+
+def key_rows(model, layer: int) -> torch.Tensor:
+    """[n_neurons, hidden] view of the key module's weight: row i is neuron i's key. Writes go to the weight."""
+    w = key_module(model, layer).weight
+    return w.t() if arch_of(model).conv1d else w
+
+
+def gate_rows(model, layer: int) -> torch.Tensor:
+    """[n_neurons, hidden]: row i is neuron i's gate row (gated MLPs with a `gate` entry)."""
+    a = arch_of(model)
+    if a.gate is None:
+        raise UnsupportedModel(f"{a.name}: no `gate` entry in architectures.yaml (needs a gated MLP with its own gate)")
+    return get(blocks(model)[layer], a.gate).weight
+
+
+def gate_param_name(model, layer: int) -> str:
+    a = arch_of(model)
+    return f"{a.blocks}.{layer}.{a.gate}.weight"
+
+
 def value_param_name(model, layer: int) -> str:
     a = arch_of(model)
     return f"{a.blocks}.{layer}.{a.value}.weight"
+
+
+def key_param_name(model, layer: int) -> str:
+    a = arch_of(model)
+    return f"{a.blocks}.{layer}.{a.key}.weight"
 
 
 def by_position(model, x: torch.Tensor, seq: int) -> torch.Tensor:

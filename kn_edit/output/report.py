@@ -337,7 +337,11 @@ def aggregate_model(agg: dict) -> Aggregate:
 
 
 def make(batch, model, edits, before, after, agg: dict, gate_doc: dict, status: str, *, seed, device, dtype) -> Report:
-    changed = sorted({arch.value_param_name(model, l) for e in edits for l, _ in e.neurons})
+    changed = {arch.value_param_name(model, l) for e in edits for l, _ in e.neurons}
+    changed |= {
+        name(model, l) for e in edits if e.keys for l, _ in e.keys for name in (arch.gate_param_name, arch.key_param_name)
+    }
+    changed = sorted(changed)
     return Report(
         schema_version=SCHEMA_VERSION,
         kn_edit_version=__version__,

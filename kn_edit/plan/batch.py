@@ -71,6 +71,7 @@ class Edit:
     neurons: list[Neuron] = field(default_factory=list)  # the value slots the edit writes
     dropped_shared: list[Neuron] = field(default_factory=list)  # update: left out by the relation filter
     written: Written | None = None  # update: rule, lambdas, scale
+    keys: dict | None = None  # solve.select: patch: {(layer, neuron): (gate row, up row)} written before the solve
     # verify
     probe: object | None = None  # measure.probes.Probe
     result: object | None = None  # measure.evaluate.EditResult
