@@ -125,7 +125,7 @@ def choose(model, edits, layers: range, seqs: list[list[int]]) -> None:
 def write(model, edits) -> None:
     """The edits' new gate and up rows into the model."""
     for e in edits:
-        for (l, i), (g, u) in (getattr(e, "keys", None) or {}).items():
+        for (l, i), (g, u) in (e.keys or {}).items():
             rows = arch.gate_rows(model, l)
             rows[i] = g.to(rows.device, rows.dtype)
             rows = arch.key_rows(model, l)
