@@ -347,7 +347,7 @@ def edit(model, batch, edits, rule, args):
     control, real = _parsed(rule)
     method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
     others = preserve.others(batch, method.solve.select, args.seed)
-    text = preserve.background(batch, args.seed) if method.solve.select == "patch" else ()
+    text = preserve.background(batch) if method.solve.select == "patch" else ()
     choose(model, batch.edits, method, others, text)
     neurons = None
     if control:

@@ -118,7 +118,7 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     with progress.timed("choosing neurons"):
         select = selection(model, method.solve)
         others = preserve.others(batch, select, seed)
-        text = preserve.background(batch, seed) if select == "patch" else ()
+        text = preserve.background(batch) if select == "patch" else ()
         batch.warnings += choose(model, batch.edits, method, others, text)
     undo = None
 

@@ -132,7 +132,7 @@ def layer_range(model, solve, select: str) -> range:
 def choose(model, edits, method, others=None, text=()) -> list[str]:
     """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method.
     others: per edit, prompts of its relation about other subjects (solve.select: specific, subject, patch);
-    text: token ids of plain text and preservation prompts (select: patch). Returns warnings for the report."""
+    text: token ids of plain text (select: patch). Returns warnings for the report."""
     warnings, memo = [], {}
     patched = []
     if others is not None and selection(model, method.solve) == "patch":

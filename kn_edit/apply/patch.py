@@ -2,10 +2,10 @@
 
 The subject's neurons of the default also fire, more weakly, for other subjects, so whatever is written
 into their value slots is read there too (README, "Where the leaks enter"). Here each update takes, in
-each layer of `layers`, the least-used neuron of that layer (smallest mean a^2 |v|^2 on the plain text:
-the one whose loss changes the model least) and gives it a new key: with x the FFN input at the
+each layer of `layers`, the least-used neuron of that layer (smallest mean a^2 |v|^2 on the plain text
+and the edits' templates about other subjects: the one whose loss changes the model least) and gives it a new key: with x the FFN input at the
 subject's last token, averaged over the edit's prompts, and K = mean x x^T, mu = mean x over the plain
-text, the preservation prompts and the edit's templates about other subjects,
+text and the edits' templates about other subjects,
 
     k = K^-1 (a x_e - mu),  a such that k . x_e = 1     (the least mean (k . x + 1)^2 over the background:
                                                           the background's mean mu serves as the bias

@@ -216,7 +216,7 @@ def text_windows(batch, max_positions: int = 1 << 16) -> list[tuple[list[int], l
     return out
 
 
-def background(batch, seed: int = 0) -> list[list[int]]:
-    """Token ids of the plain text windows and the preservation prompts: what solve.select: patch keys
-    its neurons against, and where it measures how much each neuron is used."""
-    return [list(w) for w, _ in text_windows(batch)] + [list(p.ids) for p in keep_prompts(batch, seed)]
+def background(batch) -> list[list[int]]:
+    """Token ids of the plain text windows: with the edits' same-relation prompts, what solve.select: patch
+    keys its neurons against, and where it measures how much each neuron is used."""
+    return [list(w) for w, _ in text_windows(batch)]
