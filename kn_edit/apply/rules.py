@@ -67,8 +67,9 @@ class Snapshot:
         self.model = model
         self.saved = {(l, i): arch.value_slots(model, l)[i].clone() for l, i in sorted({tuple(n) for n in neurons})}
         # and their gate and up rows, which solve.select: patch writes
-        self.keys = {n: arch.key_rows(model, n[0])[n[1]].clone() for n in self.saved} if arch.arch_of(model).key else {}
-        self.gates = {n: arch.gate_rows(model, n[0])[n[1]].clone() for n in self.saved} if arch.arch_of(model).gate else {}
+        patchable = arch.arch_of(model).gate and arch.arch_of(model).key
+        self.keys = {n: arch.key_rows(model, n[0])[n[1]].clone() for n in self.saved} if patchable else {}
+        self.gates = {n: arch.gate_rows(model, n[0])[n[1]].clone() for n in self.saved} if patchable else {}
 
     @torch.no_grad()
     def restore(self) -> None:
