@@ -67,6 +67,8 @@ RULES = {
     "stop": {"solve": {"min_steps": 0}},  # stop once every edit prompt is done (the default before min_steps)
     "spread10": {"solve": {"spread": 10}},
     "patch": {"solve": {"select": "patch"}},  # a memory neuron per edit and layer (apply/patch.py)
+    "add": {"solve": {"select": "add"}},  # the same, in neurons added to the FFN
+    "add-5layers": {"solve": {"select": "add", "max_layer": 0.25}},
     "patch-5layers": {"solve": {"select": "patch", "max_layer": 0.25}},  # layers 3-7 of SmolLM2's 30 (measured first)
     "spread100": {"solve": {"spread": 100}},  # the default
     "spread300": {"solve": {"spread": 300}},
@@ -347,7 +349,7 @@ def edit(model, batch, edits, rule, args):
     control, real = _parsed(rule)
     method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
     others = preserve.others(batch, method.solve.select, args.seed)
-    text = preserve.background(batch) if method.solve.select == "patch" else ()
+    text = preserve.background(batch) if method.solve.select in ("patch", "add") else ()
     choose(model, batch.edits, method, others, text)
     neurons = None
     if control:

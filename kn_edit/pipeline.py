@@ -108,17 +108,22 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
         )
 
     fam = arch.arch_of(model)
-    if method.solve.select == "patch" and not (fam.gate and fam.key):
+    if method.solve.select in ("patch", "add") and not (fam.gate and fam.key):
         raise specmod.SpecError(
             batch.file,
-            [("method.solve.select", f"patch needs a gated MLP with its own gate and up projections; {fam.name} has none")],
+            [
+                (
+                    "method.solve.select",
+                    f"{method.solve.select} needs a gated MLP with its own gate and up projections; {fam.name} has none",
+                )
+            ],  # fmt: skip
         )
     with progress.timed("locating neurons"):
         locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
     with progress.timed("choosing neurons"):
         select = selection(model, method.solve)
         others = preserve.others(batch, select, seed)
-        text = preserve.background(batch) if select == "patch" else ()
+        text = preserve.background(batch) if select in ("patch", "add") else ()
         batch.warnings += choose(model, batch.edits, method, others, text)
     undo = None
 
@@ -237,6 +242,7 @@ def verify(folder, spec_path=None, options: RunOptions | None = None) -> Report:
             f"the base model differs from the one {folder} was built from: {base.source.identity} != {built.base_model}"
         )
     batch.source = base.source
+    batch.added = (built.base or {}).get("added_neurons_per_layer", 0)
     check_untouched(folder, base.model, set(built.changed_tensors))
     located_from(NeuronsDoc.read(folder / NEURONS), batch.edits, built)
 
@@ -271,7 +277,9 @@ def check_files(folder: Path) -> None:
 
 
 def check_untouched(folder: Path, base, changed: set[str]) -> None:
-    """Every saved tensor the edits did not change equals the base model's (in the saved dtype)."""
+    """Every saved tensor the edits did not change equals the base model's (in the saved dtype); one
+    wider than the base's (an FFN widened by select: add) equals it where the base's extends, and is
+    zero beyond."""
     from safetensors import safe_open
 
     state = base.state_dict()
@@ -282,6 +290,13 @@ def check_untouched(folder: Path, base, changed: set[str]) -> None:
                     continue
                 if name not in state:
                     raise CheckpointChanged(f"{f}: tensor {name} is not in the base model")
-                t = st.get_tensor(name)
-                if not torch.equal(t, state[name].detach().to("cpu", t.dtype)):
+                t, b = st.get_tensor(name), state[name].detach()
+                if t.shape != b.shape and t.dim() == b.dim() and all(x >= y for x, y in zip(t.shape, b.shape, strict=True)):
+                    base_part = t[tuple(slice(0, y) for y in b.shape)]
+                    rest = t.clone()
+                    rest[tuple(slice(0, y) for y in b.shape)] = 0
+                    if torch.equal(base_part, b.to("cpu", t.dtype)) and not rest.any():
+                        continue
+                    raise CheckpointChanged(f"{f}: tensor {name} is wider than the base model's, and not only by zeros")
+                if t.shape != b.shape or not torch.equal(t, b.to("cpu", t.dtype)):
                     raise CheckpointChanged(f"{f}: tensor {name} differs from the base model, but no edit changed it")

@@ -189,13 +189,15 @@ class Solve(_Strict):
         None, ge=0, lt=1, description="only neurons in layers >= min_layer x the number of layers (default: by select)"
     )
     max_layer: float | None = Field(None, gt=0, le=1, description="... and < max_layer x the number of layers")
-    select: Literal["auto", "subject", "score", "specific", "patch"] = Field(
+    select: Literal["auto", "subject", "score", "specific", "patch", "add"] = Field(
         "auto",
         description="subject: by how strongly and specifically the neuron fires at the subject's last token (layers "
         "0.1-0.6 of the depth unless min_layer/max_layer say otherwise); score: by attribution score at the answer "
         "(upper half); specific: score x how much more it fires there for the fact than for other subjects; "
         "patch: per layer of 0.1-0.167 of the depth, the least-used neuron, given a key that fires for the subject only "
         "(gated MLPs; the checkpoint then differs in those neurons' gate and up rows too); "
+        "add: as patch, but in neurons added to the FFN (intermediate_size grows by one per edit; every original "
+        "neuron is kept); "
         "auto: subject for causal LMs, score for masked LMs",
     )
     steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")

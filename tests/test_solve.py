@@ -414,3 +414,58 @@ def test_patch_on_a_family_without_a_gate_is_refused_by_field(bert_dir, world, w
     r = _cli_build(write_spec(spec), tmp_path / "out")
     assert r.exit_code == 2, r.output
     assert "method.solve.select" in r.output and "gated MLP" in r.output and not (tmp_path / "out").exists()
+
+
+def test_add_widens_the_ffn_and_keeps_every_base_weight(llama_dir, world, write_spec, tmp_path):
+    """solve.select: add: each edit gets a neuron added to each chosen layer (numbered from the base
+    width on); the checkpoint's FFNs are as many neurons wider in every layer, its config says so,
+    every base weight is kept, the added neurons are zero but in the edited layers, the edits take,
+    `verify` accepts the checkpoint and rejects one whose padding is not zero, and undo gives back
+    the base model bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from kn_edit.errors import CheckpointChanged
+    from kn_edit.options import BuildOptions, RunOptions
+
+    edits = [update_edit(world, "capital", k) for k in (0, 5, 10)]
+    spec = {
+        "model": str(llama_dir),
+        "method": {"steps": 4, "solve": {"select": "add", "min_layer": 0.25, "max_layer": 0.75, "steps": 200}},
+        "edits": edits,
+    }
+    out = tmp_path / "out"
+    result = pipeline.edit(write_spec(spec), options=BuildOptions(device="cpu", no_cache=True))
+    result.save(out)
+    report = json.loads((out / "kn_edit_report.json").read_text())
+    assert report["metrics"]["efficacy"] == 1.0
+    base = pipeline.load(str(llama_dir), device="cpu").model
+    width = arch.shape(base)[1]
+    assert report["base"]["neurons_per_layer"] == width and report["base"]["added_neurons_per_layer"] == 3
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == width + 3
+    neurons = [tuple(n) for e in json.loads((out / "neurons.json").read_text())["edits"] for n in e["edited"]]
+    assert sorted(neurons) == [(l, width + j) for l in (1, 2) for j in range(3)]
+    edited = load_file(out / "model.safetensors")
+    for name, t in base.state_dict().items():
+        got = edited.get(name, t)  # tied weights are saved once
+        assert torch.equal(got[tuple(slice(0, n) for n in t.shape)], t), name  # every base weight kept
+        if got.shape != t.shape:
+            dim = 1 if name.endswith("down_proj.weight") else 0
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            assert got.narrow(dim, width, 3).ne(0).any(1 - dim).tolist() == [layer in (1, 2)] * 3, name
+    assert "Every layer's FFN is 3 neurons wider" in (out / "README.md").read_text()
+    assert pipeline.verify(out, options=RunOptions(device="cpu")).metrics.efficacy == 1.0
+    # a padding that is not zero where no edit wrote is caught
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    edited["model.layers.0.mlp.down_proj.weight"][0, width] = 1.0
+    save_file(edited, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointChanged, match="not only by zeros"):
+        pipeline.check_untouched(bad, base, set(report["changed_tensors"]))
+    # undo narrows the FFNs back: the base model, bit for bit
+    assert arch.shape(result.model)[1] == width + 3
+    result.undo()
+    assert arch.shape(result.model)[1] == width and result.model.config.intermediate_size == width
+    state = result.model.state_dict()
+    assert all(torch.equal(state[name], t) for name, t in base.state_dict().items())

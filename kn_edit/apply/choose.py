@@ -107,7 +107,13 @@ def specificity(
     return a_f.pow(2) / (a_f.pow(2) + a_o.pow(2).mean(0) + 1e-12), a_f.abs()
 
 
-LAYERS = {"subject": (0.1, 0.6), "score": (0.5, 1.0), "specific": (0.5, 1.0), "patch": (0.1, 0.167)}  # the auto layer ranges
+LAYERS = {
+    "subject": (0.1, 0.6),
+    "score": (0.5, 1.0),
+    "specific": (0.5, 1.0),
+    "patch": (0.1, 0.167),
+    "add": (0.1, 0.167),
+}  # the auto layer ranges
 
 
 def selection(model, solve) -> str:
@@ -132,17 +138,18 @@ def layer_range(model, solve, select: str) -> range:
 def choose(model, edits, method, others=None, text=()) -> list[str]:
     """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method.
     others: per edit, prompts of its relation about other subjects (solve.select: specific, subject, patch);
-    text: token ids of plain text (select: patch). Returns warnings for the report."""
+    text: token ids of plain text (select: patch, add). Returns warnings for the report."""
     warnings, memo = [], {}
     patched = []
-    if others is not None and selection(model, method.solve) == "patch":
+    if others is not None and selection(model, method.solve) in ("patch", "add"):
         patched = [k for k, e in enumerate(edits) if e.kind == "update" and solves(e, method)]
         seqs = [list(t) for t in text] + [list(p.ids) for k in patched for p in others[k]]
         patch.choose(
             model,
             [edits[k] for k in patched],
-            layer_range(model, method.solve, "patch"),
+            layer_range(model, method.solve, selection(model, method.solve)),
             list({tuple(s): s for s in seqs}.values()),
+            add=selection(model, method.solve) == "add",
         )
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
         for k, e in enumerate(edits):

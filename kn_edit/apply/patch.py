@@ -91,13 +91,15 @@ def _subject_states(model, prompts, layers) -> dict[int, torch.Tensor]:
     return {l: torch.stack(v).mean(0) for l, v in out.items()}
 
 
-def choose(model, edits, layers: range, seqs: list[list[int]]) -> None:
+def choose(model, edits, layers: range, seqs: list[list[int]], add: bool = False) -> None:
     """Fill in each edit's `neurons` (one per layer of `layers`, distinct over the batch) and `keys`
     {(layer, neuron): (gate row, up row)}. seqs: token ids of the plain text and of prompts about other
-    subjects (K and the neurons' use)."""
+    subjects (K and the neurons' use). add: new neurons, numbered from the layer's width on (write()
+    widens the FFN), instead of the least-used ones."""
     layers = list(layers)
     K, mu, use = _stats(model, layers, seqs)
-    free = {l: use[l].argsort().tolist() for l in layers}  # least used first
+    width = arch.shape(model)[1]
+    free = {l: list(range(width, width + len(edits))) if add else use[l].argsort().tolist() for l in layers}
     inv = {}
     for l in layers:
         k = K[l]
@@ -122,11 +124,16 @@ def choose(model, edits, layers: range, seqs: list[list[int]]) -> None:
 
 
 @torch.no_grad()
-def write(model, edits) -> None:
-    """The edits' new gate and up rows into the model."""
+def write(model, edits):
+    """The edits' new gate and up rows into the model, the FFN first widened to hold added neurons;
+    returns the function that takes the widening back (None when nothing was added)."""
+    width = arch.shape(model)[1]
+    added = max((i + 1 - width for e in edits for _, i in (e.keys or {})), default=0)
+    narrow = arch.widen(model, added) if added > 0 else None
     for e in edits:
         for (l, i), (g, u) in (e.keys or {}).items():
             rows = arch.gate_rows(model, l)
             rows[i] = g.to(rows.device, rows.dtype)
             rows = arch.key_rows(model, l)
             rows[i] = u.to(rows.device, rows.dtype)
+    return narrow

@@ -61,11 +61,14 @@ def deltas(
 
 
 class Snapshot:
-    """Value slots as they are now; `restore()` puts them back bit for bit."""
+    """Value slots as they are now; `restore()` puts them back bit for bit (and narrows an FFN that
+    apply widened: `narrow`). Neurons beyond the width are added ones: nothing to save."""
 
     def __init__(self, model, neurons):
         self.model = model
-        self.saved = {(l, i): arch.value_slots(model, l)[i].clone() for l, i in sorted({tuple(n) for n in neurons})}
+        self.narrow = None
+        width = arch.shape(model)[1]
+        self.saved = {(l, i): arch.value_slots(model, l)[i].clone() for l, i in sorted({tuple(n) for n in neurons}) if i < width}
         # and their gate and up rows, which solve.select: patch writes
         patchable = arch.arch_of(model).gate and arch.arch_of(model).key
         self.keys = {n: arch.key_rows(model, n[0])[n[1]].clone() for n in self.saved} if patchable else {}
@@ -73,6 +76,9 @@ class Snapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
+        if self.narrow is not None:
+            self.narrow()
+            self.narrow = None
         for (l, i), v in self.saved.items():
             arch.value_slots(self.model, l)[i] = v
         for (l, i), k in self.keys.items():

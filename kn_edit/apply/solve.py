@@ -134,6 +134,12 @@ def _logits(model, rows: _Rows, layer: int) -> torch.Tensor:
     return arch.logits(model, h[rows.at]).float()
 
 
+def _mean_norm(slots: torch.Tensor) -> float:
+    """The mean norm of a layer's value slots, less the zero ones (neurons added by select: add)."""
+    n = slots.norm(dim=1)
+    return float(n[n > 0].mean())
+
+
 class _Delta:
     """Forward hooks adding sum_j a_j d_j to the FFN outputs of the layers that hold selected slots."""
 
@@ -146,7 +152,7 @@ class _Delta:
         self.d = {l: torch.zeros(len(idx), hidden, device=model.device, requires_grad=True) for l, idx in by_layer.items()}
         self.norms = {l: arch.value_slots(model, l)[self.idx[l]].norm(dim=1).detach() for l in by_layer}
         if floor:
-            self.norms = {l: n.clamp_min(float(arch.value_slots(model, l).norm(dim=1).mean())) for l, n in self.norms.items()}
+            self.norms = {l: n.clamp_min(_mean_norm(arch.value_slots(model, l))) for l, n in self.norms.items()}
         self.model = model
         self.hooks = []
 

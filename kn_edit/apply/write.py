@@ -8,6 +8,7 @@ from __future__ import annotations
 from .. import progress
 from ..locate.attribution import clean_activations
 from ..measure.metrics import mean
+from ..model import arch
 from . import patch, preserve, rules
 from .choose import solves
 from .solve import Goal, Settings, solve
@@ -46,7 +47,7 @@ def settings(method, seed: int, erases: bool = False) -> Settings:
     s = method.solve
     names = ("steps", "lr", "keep", "text", "l2", "spread", "margin", "rise", "sample")
     min_steps = s.min_steps if s.min_steps is not None else (s.steps if erases else 0)
-    return Settings(**{k: getattr(s, k) for k in names}, min_steps=min_steps, seed=seed, norm_floor=s.select == "patch")
+    return Settings(**{k: getattr(s, k) for k in names}, min_steps=min_steps, seed=seed, norm_floor=s.select in ("patch", "add"))
 
 
 def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> rules.Snapshot:
@@ -59,7 +60,9 @@ def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> r
     done = rules.Snapshot(model, [n for ns in neurons for n in ns])
     solved = [k for k, e in enumerate(edits) if solves(e, method) and neurons[k]]
     if real:
-        patch.write(model, edits)
+        width = arch.shape(model)[1]
+        done.narrow = patch.write(model, edits)
+        batch.added = arch.shape(model)[1] - width
     if solved:
         columns = sorted({n for k in solved for n in neurons[k]})
         max_pos = getattr(model.config, "max_position_embeddings", 1 << 16)

@@ -185,6 +185,47 @@ def key_param_name(model, layer: int) -> str:
     return f"{a.blocks}.{layer}.{a.key}.weight"
 
 
+def _swap(parent, name: str, new: torch.nn.Module) -> torch.nn.Module:
+    old = getattr(parent, name)
+    setattr(parent, name, new)
+    return old
+
+
+@torch.no_grad()
+def widen(model, n: int):
+    """Every layer's FFN n neurons wider (gated MLPs with `gate` and `key` entries): the new neurons'
+    gate and up rows and value slots are zero, so they read 0 and write 0 until set, and
+    `config.intermediate_size` grows by n (the saved checkpoint loads as any of its family). The
+    base model's modules are kept, not changed: the returned function puts them back."""
+    a = arch_of(model)
+    if a.gate is None or a.key is None or a.conv1d:
+        raise UnsupportedModel(f"{a.name}: widening the FFN needs a gated MLP with `gate` and `key` entries")
+    old_width = model.config.intermediate_size
+    kept = []
+    for block in blocks(model):
+        for path, dim in ((a.gate, 0), (a.key, 0), (a.value, 1)):
+            *up, name = path.split(".")
+            parent = get(block, ".".join(up)) if up else block
+            lin = getattr(parent, name)
+            w = lin.weight
+            pad = list(w.shape)
+            pad[dim] = n
+            new = torch.nn.Linear(w.shape[1] + n * dim, w.shape[0] + n * (1 - dim), bias=lin.bias is not None)
+            new = new.to(w.device, w.dtype).requires_grad_(False)
+            new.weight.copy_(torch.cat([w, w.new_zeros(pad)], dim))
+            if lin.bias is not None:
+                new.bias.copy_(torch.cat([lin.bias, lin.bias.new_zeros(n)]) if dim == 0 else lin.bias)
+            kept.append((parent, name, _swap(parent, name, new)))
+    model.config.intermediate_size = old_width + n
+
+    def restore():
+        for parent, name, lin in kept:
+            setattr(parent, name, lin)
+        model.config.intermediate_size = old_width
+
+    return restore
+
+
 def by_position(model, x: torch.Tensor, seq: int) -> torch.Tensor:
     """An FFN tensor as [batch, seq, features] (flat families' FFNs see [batch * seq, features])."""
     return x.view(-1, seq, x.shape[-1]) if arch_of(model).flat else x

@@ -48,6 +48,9 @@ An edited copy of {{ base_line }}, made by kn-edit {{ built_with }} (card writte
 spec below, seed {{ seed }}. Verification status: **{{ status }}**.
 {% if changed %}
 Changed tensors: {{ changed }}
+{% endif %}{% if added %}
+Every layer's FFN is {{ added }} neurons wider than the base model's (the edits' memory neurons, `solve.select: add`):
+the added neurons are zero in every layer but the edited ones and add nothing to their output.
 {% endif %}{% if updates %}
 ## Edited facts (old -> new)
 
@@ -163,6 +166,7 @@ def make(report, spec_text: str, *, model_name: str, forced: bool = False) -> Mo
         card_version=__version__,
         seed=report.seed,
         changed=", ".join(f"`{t}`" for t in report.changed_tensors),
+        added=(report.base or {}).get("added_neurons_per_layer", 0),
         updates=updates,
         erases=erases,
         gates=table(["gate", "value", "passed"], gate_rows(report)) if gate_rows(report) else "",

@@ -369,7 +369,10 @@ def base_info(batch, model) -> dict:
     if batch.spec.model.base_model:
         info["base_model"] = batch.spec.model.base_model
     info["pipeline_tag"] = "text-generation" if batch.causal else "fill-mask"
-    info["layers"], info["neurons_per_layer"] = arch.shape(model)
+    layers, width = arch.shape(model)
+    info["layers"], info["neurons_per_layer"] = layers, width - batch.added
+    if batch.added:  # select: add: the checkpoint's FFNs are wider than the base model's
+        info["added_neurons_per_layer"] = batch.added
     return info
 
 

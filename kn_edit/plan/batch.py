@@ -112,6 +112,7 @@ class Batch:
     extra: list[tuple[str, Fact]] = field(default_factory=list)  # verify.facts: (relation, fact)
     pararel: str | None = None  # the PARAREL directory read: source: pararel edits, solve.pararel_facts
     solve_stats: object | None = None  # apply.solve.Stats of the batch solve, once applied
+    added: int = 0  # neurons added to every layer's FFN (solve.select: add), once applied
     warnings: list[str] = field(default_factory=list)  # for the report and the terminal
 
 
