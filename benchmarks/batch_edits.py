@@ -31,7 +31,7 @@ import torch
 
 from kn_edit import pipeline
 from kn_edit.apply import preserve
-from kn_edit.apply.choose import choose
+from kn_edit.apply.choose import choose, selection
 from kn_edit.apply.write import apply
 from kn_edit.locate.cache import Cache, default_dir
 from kn_edit.locate.stage import locate
@@ -52,7 +52,7 @@ RELATIONS = ["P36", "P103", "P1412", "P176", "P178", "P279", "P1376", "P159", "P
 N_EDITED, N_OTHER = 8, 6  # (4 relations have >= 3 known facts)
 PER_REL = {"edits": 20, "keep": 3, "neighbours": 6}
 RULES = {
-    "solve": {},  # the default: neurons chosen at the subject
+    "solve": {},  # the default: on SmolLM2, select add
     "score": {"solve": {"select": "score"}},  # the solve's previous default: located neurons by attribution score
     "specific": {"solve": {"select": "specific"}},
     # variants of the solve, for choosing its defaults
@@ -67,8 +67,9 @@ RULES = {
     "stop": {"solve": {"min_steps": 0}},  # stop once every edit prompt is done (the default before min_steps)
     "spread10": {"solve": {"spread": 10}},
     "patch": {"solve": {"select": "patch"}},  # a memory neuron per edit and layer (apply/patch.py)
-    "add": {"solve": {"select": "add"}},  # the same, in neurons added to the FFN
-    "add-5layers": {"solve": {"select": "add", "max_layer": 0.25}},
+    "subject": {"solve": {"select": "subject"}},  # the default before add
+    "add": {"solve": {"select": "add"}},  # memory neurons added to the FFN, layers 3-4 of 30 (the default on gated MLPs)
+    "add-5layers": {"solve": {"select": "add", "max_layer": 0.25}},  # layers 3-7
     "patch-5layers": {"solve": {"select": "patch", "max_layer": 0.25}},  # layers 3-7 of SmolLM2's 30 (measured first)
     "spread100": {"solve": {"spread": 100}},  # the default
     "spread300": {"solve": {"spread": 300}},
@@ -349,7 +350,7 @@ def edit(model, batch, edits, rule, args):
     control, real = _parsed(rule)
     method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
     others = preserve.others(batch, method.solve.select, args.seed)
-    text = preserve.background(batch) if method.solve.select in ("patch", "add") else ()
+    text = preserve.background(batch) if selection(model, method.solve) in ("patch", "add") else ()
     choose(model, batch.edits, method, others, text)
     neurons = None
     if control:

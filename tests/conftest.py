@@ -70,3 +70,22 @@ def build(spec_path, out, cache=None, **options):
     opts = BuildOptions(device="cpu", cache=cache, no_cache=cache is None, **options)
     api_build(spec_path, out, opts)
     return json.loads((Path(out) / "kn_edit_report.json").read_text())
+
+
+def padded(base, like):
+    """`base` zero-padded to `like`'s shape: how a base tensor reads in a checkpoint whose FFNs
+    solve.select: add widened (unchanged tensors come back as they were)."""
+    import torch
+
+    if base.shape == like.shape:
+        return base
+    out = torch.zeros(like.shape, dtype=base.dtype)
+    out[tuple(slice(0, n) for n in base.shape)] = base
+    return out
+
+
+def changed(base: dict, new: dict) -> set[str]:
+    """Names of the tensors of `new` that differ from `base`'s (beyond zero padding)."""
+    import torch
+
+    return {k for k in base if k in new and not torch.equal(padded(base[k], new[k]), new[k])}

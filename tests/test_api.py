@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import update_edit
+from conftest import changed, update_edit
 from safetensors.torch import load_file
 
 import kn_edit
@@ -26,11 +26,11 @@ def test_edit_in_memory_undo_and_save(llama_dir, world, tmp_path):
     result = kn_edit.edit(spec, loaded, kn_edit.BuildOptions(no_cache=True))
     e = result.report.edits[0]
     assert e.success_rate == 1.0 and e.neurons > 0 and result.report.status == "built"
-    changed = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, weights[k])}
-    assert changed == set(result.report.changed_tensors) and changed
+    edited = changed(weights, loaded.model.state_dict())
+    assert edited == set(result.report.changed_tensors) and edited
     out = result.save(tmp_path / "out")
     saved = load_file(out / "model.safetensors")
-    assert all(torch.equal(saved[k], loaded.model.state_dict()[k]) for k in changed)
+    assert all(torch.equal(saved[k], loaded.model.state_dict()[k]) for k in edited)
     result.undo()
     assert all(torch.equal(v, weights[k]) for k, v in loaded.model.state_dict().items())
     # the written report reads back as the same typed report

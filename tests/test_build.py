@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build, update_edit
+from conftest import build, changed, padded, update_edit
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -70,13 +70,16 @@ def test_update_succeeds_far_above_random_neurons_and_stays_local(built):
     new_w = load_file(folder / "out" / "model.safetensors")
     m, _ = models.load_model(src)
     rng = random.Random(0)
+    values = {arch.value_param_name(m, l) for l in range(arch.shape(m)[0])}
     with torch.no_grad():
         for name, w in m.named_parameters():
-            if name not in base_w or torch.equal(base_w[name], new_w[name]):
+            if name not in values or name not in changed(base_w, {name: new_w[name]}):
                 continue
-            diff = new_w[name] - base_w[name]  # [hidden, intermediate]: changed columns are value slots
+            # [hidden, intermediate (+ added)]: changed columns are value slots (added neurons' too; their
+            # keys are not moved: the control writes existing neurons, as kn-edit's own does)
+            diff = new_w[name] - padded(base_w[name], new_w[name])
             cols = diff.abs().sum(0).nonzero().flatten().tolist()
-            moved = rng.sample([c for c in range(diff.shape[1]) if c not in cols], len(cols))
+            moved = rng.sample([c for c in range(w.shape[1]) if c not in cols], len(cols))
             for c, r in zip(cols, moved, strict=True):
                 w[:, r] += diff[:, c]
     hits = total = 0
@@ -111,6 +114,8 @@ def test_one_update_leaves_other_relations_mostly_unchanged(kind, request, world
 
 
 def test_only_located_value_slots_change(built):
+    """Only the edited neurons' value slots change (and, where the default adds memory neurons, their
+    gate and up rows; every other weight of a widened FFN is the base's, or zero)."""
     kind, model_dir, world, folder, report = built
     base = load_file(model_dir / "model.safetensors")
     new = load_file(folder / "out" / "model.safetensors")
@@ -118,15 +123,18 @@ def test_only_located_value_slots_change(built):
     neurons = json.loads((folder / "out" / "neurons.json").read_text())
     expected = {}
     model = AUTO[kind].from_pretrained(model_dir)
+    width = arch.shape(model)[1]
+    keyed = any(i >= width for e in neurons["edits"] for _, i in e["edited"])  # added neurons (select: add)
+    names = (arch.value_param_name,) + ((arch.gate_param_name, arch.key_param_name) if keyed else ())
     for e in neurons["edits"]:
         for layer, idx in e["edited"]:
-            expected.setdefault(arch.value_param_name(model, layer), set()).add(idx)
-    changed = {k for k in base if not torch.equal(base[k], new[k])}
-    assert changed == set(expected) == set(report["changed_tensors"])
-    for name, cols in expected.items():
-        w_old, w_new = base[name], new[name]
-        differ = (w_old != w_new).any(0) if kind != "gpt2" else (w_old != w_new).any(1)
-        assert set(differ.nonzero().flatten().tolist()) == cols
+            for name in names:
+                expected.setdefault(name(model, layer), set()).add(idx)
+    assert changed(base, new) == set(expected) == set(report["changed_tensors"])
+    for name, idx in expected.items():
+        w_old, w_new = padded(base[name], new[name]), new[name]
+        differ = (w_old != w_new).any(0) if name.endswith(("down_proj.weight", "output.dense.weight")) else (w_old != w_new).any(1)
+        assert set(differ.nonzero().flatten().tolist()) == idx
 
 
 def test_reload_reproduces_edited_logits_and_report(built):

@@ -42,12 +42,13 @@ def goals(model, batch, e, seed: int = 0) -> list[Goal]:
     return [Goal(f.prompts, old_ids=f.target_ids) for f in e.facts] + elsewhere
 
 
-def settings(method, seed: int, erases: bool = False) -> Settings:
-    """erases: the batch erases (min_steps unset: then all steps; an erase is done after one)."""
+def settings(method, seed: int, erases: bool = False, keyed: bool = False) -> Settings:
+    """erases: the batch erases (min_steps unset: then all steps; an erase is done after one); keyed: it
+    writes memory neurons (select: patch, add), whose slots start empty or foreign (norm_floor)."""
     s = method.solve
     names = ("steps", "lr", "keep", "text", "l2", "spread", "margin", "rise", "sample")
     min_steps = s.min_steps if s.min_steps is not None else (s.steps if erases else 0)
-    return Settings(**{k: getattr(s, k) for k in names}, min_steps=min_steps, seed=seed, norm_floor=s.select in ("patch", "add"))
+    return Settings(**{k: getattr(s, k) for k in names}, min_steps=min_steps, seed=seed, norm_floor=keyed)
 
 
 def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> rules.Snapshot:
@@ -67,7 +68,7 @@ def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> r
         columns = sorted({n for k in solved for n in neurons[k]})
         max_pos = getattr(model.config, "max_position_embeddings", 1 << 16)
         deltas, stats = solve(model, columns, [g for k in solved for g in goals(model, batch, edits[k], seed)], preserve.keep_prompts(batch, seed),
-                              preserve.text_windows(batch, max_pos), settings(method, seed, any(edits[k].kind == "erase" for k in solved)), batch.causal,
+                              preserve.text_windows(batch, max_pos), settings(method, seed, any(edits[k].kind == "erase" for k in solved), any(edits[k].keys for k in solved)), batch.causal,
                               preserve.pararel_prompts(batch, method.solve.pararel_facts, seed))  # fmt: skip
         progress.log.info("batch solve: %d steps, every edit prompt done: %s", stats.steps, stats.reached)
         rules.write(model, deltas)
