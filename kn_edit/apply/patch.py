@@ -1,4 +1,7 @@
-"""solve.select: patch — a memory neuron per edit and layer, whose key fires for the edit's subject only.
+"""solve.select: add (the default on gated causal LMs) and patch — a memory neuron per edit and layer,
+whose key fires for the edit's subject only. add: the neuron is added to the FFN (write() widens every
+layer by the batch's count, zero outside the edited layers; undo narrows back); patch: an existing one
+is taken over, as described below. Every word below about the key holds for both.
 
 The subject's neurons of the default also fire, more weakly, for other subjects, so whatever is written
 into their value slots is read there too (README, "Where the leaks enter"). Here each update takes, in
