@@ -133,7 +133,9 @@ def test_only_located_value_slots_change(built):
     assert changed(base, new) == set(expected) == set(report["changed_tensors"])
     for name, idx in expected.items():
         w_old, w_new = padded(base[name], new[name]), new[name]
-        differ = (w_old != w_new).any(0) if name.endswith(("down_proj.weight", "output.dense.weight")) else (w_old != w_new).any(1)
+        differ = (
+            (w_old != w_new).any(0) if name.endswith(("down_proj.weight", "output.dense.weight")) else (w_old != w_new).any(1)
+        )
         assert set(differ.nonzero().flatten().tolist()) == idx
 
 
