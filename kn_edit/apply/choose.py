@@ -145,15 +145,16 @@ def choose(model, edits, method, others=None, text=()) -> list[str]:
     patched = []
     for e in edits:  # chosen afresh (a benchmark chooses again on the same records)
         e.keys = None
-    if others is not None and selection(model, method.solve) in ("patch", "add"):
+    keyed = selection(model, method.solve)
+    if others is not None and keyed in ("patch", "add"):
         patched = [k for k, e in enumerate(edits) if e.kind == "update" and solves(e, method)]
         seqs = [list(t) for t in text] + [list(p.ids) for k in patched for p in others[k]]
         patch.choose(
             model,
             [edits[k] for k in patched],
-            layer_range(model, method.solve, selection(model, method.solve)),
+            layer_range(model, method.solve, keyed),
             list({tuple(s): s for s in seqs}.values()),
-            add=selection(model, method.solve) == "add",
+            add=keyed == "add",
         )
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
         for k, e in enumerate(edits):

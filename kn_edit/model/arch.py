@@ -185,12 +185,6 @@ def key_param_name(model, layer: int) -> str:
     return f"{a.blocks}.{layer}.{a.key}.weight"
 
 
-def _swap(parent, name: str, new: torch.nn.Module) -> torch.nn.Module:
-    old = getattr(parent, name)
-    setattr(parent, name, new)
-    return old
-
-
 @torch.no_grad()
 def widen(model, n: int):
     """Every layer's FFN n neurons wider (gated MLPs with `gate` and `key` entries): the new neurons'
@@ -215,7 +209,8 @@ def widen(model, n: int):
             new.weight.copy_(torch.cat([w, w.new_zeros(pad)], dim))
             if lin.bias is not None:
                 new.bias.copy_(torch.cat([lin.bias, lin.bias.new_zeros(n)]) if dim == 0 else lin.bias)
-            kept.append((parent, name, _swap(parent, name, new)))
+            kept.append((parent, name, lin))
+            setattr(parent, name, new)
     model.config.intermediate_size = old_width + n
 
     def restore():
