@@ -52,7 +52,7 @@ RELATIONS = ["P36", "P103", "P1412", "P176", "P178", "P279", "P1376", "P159", "P
 N_EDITED, N_OTHER = 8, 6  # (4 relations have >= 3 known facts)
 PER_REL = {"edits": 20, "keep": 3, "neighbours": 6}
 RULES = {
-    "solve": {},  # the default: neurons chosen at the subject
+    "solve": {},  # the default: on SmolLM2, select add
     "score": {"solve": {"select": "score"}},  # the solve's previous default: located neurons by attribution score
     "specific": {"solve": {"select": "specific"}},
     # variants of the solve, for choosing its defaults
@@ -67,8 +67,8 @@ RULES = {
     "stop": {"solve": {"min_steps": 0}},  # stop once every edit prompt is done (the default before min_steps)
     "spread10": {"solve": {"spread": 10}},
     "patch": {"solve": {"select": "patch"}},  # a memory neuron per edit and layer (apply/patch.py)
-    "subject": {"solve": {"select": "subject"}},  # the default, by name
-    "add": {"solve": {"select": "add"}},  # memory neurons added to the FFN, layers 3-4 of 30
+    "subject": {"solve": {"select": "subject"}},  # the default before add
+    "add": {"solve": {"select": "add"}},  # memory neurons added to the FFN, layers 3-4 of 30 (the default on gated MLPs)
     "add-5layers": {"solve": {"select": "add", "max_layer": 0.25}},  # layers 3-7
     "patch-5layers": {"solve": {"select": "patch", "max_layer": 0.25}},  # layers 3-7 of SmolLM2's 30 (measured first)
     "spread100": {"solve": {"spread": 100}},  # the default

@@ -198,7 +198,7 @@ class Solve(_Strict):
         "(gated MLPs; the checkpoint then differs in those neurons' gate and up rows too); "
         "add: as patch, but in neurons added to the FFN (intermediate_size grows by one per edit; every original "
         "neuron is kept); "
-        "auto: subject for causal LMs, score for masked LMs",
+        "auto: add for causal LMs with a gated MLP of >= 10 layers, subject for other causal LMs, score for masked LMs",
     )
     steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")
     min_steps: int | None = Field(

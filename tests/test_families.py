@@ -207,7 +207,7 @@ def test_build_end_to_end(name, world, write_spec, tmp_path):
     spec = {"model": str(tmp_path / "base"), "method": {"steps": 4}, "verify": {"safety": False}}
     report = build(write_spec({**spec, "edits": [update_edit(world, "capital", 2)]}), tmp_path / "out")
     a = arch.for_type(model_type)
-    ffn = [p for p in (a.value, a.gate, a.key) if p]  # gate and key: written where memory neurons are keyed
+    ffn = [p for p in (a.value, a.gate, a.key) if p]  # gate and key: where select: auto adds neurons
     assert report["changed_tensors"] and all(any(p in t for p in ffn) for t in report["changed_tensors"])
     assert any(a.value in t for t in report["changed_tensors"])
     base, edited = (auto(model_type).from_pretrained(tmp_path / d).state_dict() for d in ("base", "out"))

@@ -117,13 +117,18 @@ LAYERS = {
 
 
 def selection(model, solve) -> str:
-    """`solve.select` made concrete: auto is subject on causal LMs (measured on SmolLM2: more general and
-    more local than the answer position's located neurons), score on masked LMs (the paper's setting).
-    add, far more local on the batch benchmark, is not the default: the demo's two capital edits held on
-    2 of 5 prompts with it (README, "Memory neurons, measured")."""
+    """`solve.select` made concrete: auto is add on causal LMs with a gated MLP whose gate and up rows
+    kn-edit can write, deep enough that add's layers start above layer 0 (measured on SmolLM2: far more
+    local than any choice among the existing neurons; on 4-layer models, whose add range is layer 0
+    alone, where the FFN reads little more than the token, the edits did not take); subject on other
+    causal LMs (more general and more local than the answer position's located neurons); score on
+    masked LMs (the paper's setting)."""
     if solve.select != "auto":
         return solve.select
-    return "subject" if arch.arch_of(model).causal else "score"
+    a = arch.arch_of(model)
+    if a.causal and a.gate and a.key and not a.conv1d and int(LAYERS["add"][0] * arch.shape(model)[0]) >= 1:
+        return "add"
+    return "subject" if a.causal else "score"
 
 
 def layer_range(model, solve, select: str) -> range:

@@ -6,20 +6,28 @@ is taken over, as described below. Every word below about the key holds for both
 The subject's neurons of the default also fire, more weakly, for other subjects, so whatever is written
 into their value slots is read there too (README, "Where the leaks enter"). Here each update takes, in
 each layer of `layers`, the least-used neuron of that layer (smallest mean a^2 |v|^2 on the plain text
-and the edits' templates about other subjects: the one whose loss changes the model least) and gives it a new key: with x the FFN input at the
-subject's last token, averaged over the edit's prompts, and K = mean x x^T, mu = mean x over the plain
-text and the edits' templates about other subjects,
+and the edits' templates about other subjects: the one whose loss changes the model least) and gives it a new key: with
+x_p the FFN input at the subject's last token in the edit's located prompt p (one per distinct state: a
+subject that opens its prompt reads the same state in every such template), and K = mean x x^T, mu = mean x
+over the plain text and the edits' templates about other subjects,
 
-    k = K^-1 (a x_e - mu),  a such that k . x_e = 1     (the least mean (k . x + 1)^2 over the background:
-                                                          the background's mean mu serves as the bias
-                                                          the FFN does not have)
+    k = K^-1 (X^T l - mu),  l such that k . x_p = 1 for every p   (the least mean (k . x + 1)^2 over the
+                                                          background: the background's mean mu serves as
+                                                          the bias the FFN does not have)
     gate row = ALPHA k,  up row = (SIZE / act(ALPHA)) k
 
 so the neuron's activation act(ALPHA k.x) (SIZE / act(ALPHA)) k.x is SIZE at the subject and near 0
-where k.x <= 0 (measured on SmolLM2, layer 4, 24 facts of 8 relations: k.x is -0.8 at the median other
+where k.x <= 0 (measured on SmolLM2 with one constraint at the prompts' mean state, layer 4, 24 facts of 8 relations: k.x is -0.8 at the median other
 subject of the edited relation and > 0 for 2% of them, below 0 everywhere on unseen text, at least
 0.83 on held-out paraphrases; the same k without mu's target, K^-1 x_e / (x_e K^-1 x_e), leaves other
-subjects at +0.09 and the activation falling only as (k.x)^2). The value slots are then solved as for
+subjects at +0.09 and the activation falling only as (k.x)^2).
+
+One constraint per state, not one at their mean: a subject read at a prompt's first token and in mid
+sentence gives two very different states, and a key fitted to their mean fired at one and not the other
+(SmolLM2, the demo's "Germany's capital is" vs "The capital of Germany is": k . x -0.53 vs 3.3, so the
+edit held on 2 of its 5 prompts; README, "Memory neurons, measured").
+
+The value slots are then solved as for
 any chosen neuron (apply/solve.py), starting from what they held. Like T-Patcher (Huang et al., 2023), but in existing neurons: the checkpoint differs in
 the chosen neurons' gate and up rows and value slots only. Gated MLPs with a `gate` entry only.
 """
@@ -36,6 +44,7 @@ from ..model import arch
 ALPHA = 8.0  # sharpness: act(ALPHA k.x) is near 0 for k.x <= 0
 SIZE = 4.0  # the activation at the subject
 RIDGE = 1e-4  # K + RIDGE * mean diag(K) I
+GRAM_RIDGE = 1e-6  # X K^-1 X^T + GRAM_RIDGE * its mean diagonal I (a guard: the constraints hold to ~1e-4)
 
 
 def _act(model, layer: int):
@@ -77,7 +86,8 @@ def _stats(model, layers, seqs: list[list[int]]) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def _subject_states(model, prompts, layers) -> dict[int, torch.Tensor]:
-    """Per layer, the mean FFN input at the subject's last token over `prompts` [hidden]."""
+    """Per layer, the FFN inputs at the subject's last token, one row per distinct state over `prompts`
+    [states, hidden] (a subject opening the prompt reads the same state in every template)."""
     out = {l: [] for l in layers}
     hooks = [
         arch.key_module(model, l).register_forward_hook(
@@ -91,7 +101,19 @@ def _subject_states(model, prompts, layers) -> dict[int, torch.Tensor]:
     finally:
         for h in hooks:
             h.remove()
-    return {l: torch.stack(v).mean(0) for l, v in out.items()}
+    return {l: torch.unique(torch.stack(v), dim=0) for l, v in out.items()}
+
+
+def key(K_inv: torch.Tensor, mu: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """The least mean (k . x + 1)^2 over the background (second moment K, mean mu) with k . x_p = 1 for
+    every row of X [P, hidden]: k = K^-1 (X^T l - mu), (X K^-1 X^T) l = 1 + X K^-1 mu [hidden]. One row
+    is the closed form of the module docstring; a small ridge on the P x P system keeps near-identical
+    states from blowing k up."""
+    A, km = K_inv @ X.T, K_inv @ mu  # [hidden, P], [hidden]
+    G = X @ A
+    if len(G) > 1:
+        G = G + GRAM_RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype)
+    return A @ torch.linalg.solve(G, 1 + X @ km) - km
 
 
 def choose(model, edits, layers: range, seqs: list[list[int]], add: bool = False) -> None:
@@ -116,9 +138,7 @@ def choose(model, edits, layers: range, seqs: list[list[int]], add: bool = False
             e.neurons, e.keys = [], {}
             for l in layers:
                 i = free[l].pop(0)
-                # least mean (k . x + 1)^2 over the background with k . x_e = 1: k = K^-1 (a x_e - mu)
-                kx, km = inv[l] @ x[l], inv[l] @ mu[l]
-                k = (1 + x[l] @ km) / (x[l] @ kx) * kx - km
+                k = key(inv[l], mu[l], x[l])
                 up = SIZE / float(_act(model, l)(torch.tensor(ALPHA)))
                 e.neurons.append((l, i))
                 e.keys[(l, i)] = ((ALPHA * k).float(), (up * k).float())
