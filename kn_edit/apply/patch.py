@@ -1,4 +1,4 @@
-"""solve.select: add and patch (both opt-in) — a memory neuron per edit and layer,
+"""solve.select: add (the default on gated causal LMs of >= 10 layers) and patch (opt-in) — a memory neuron per edit and layer,
 whose key fires for the edit's subject only. add: the neuron is added to the FFN (write() widens every
 layer by the batch's count, zero outside the edited layers; undo narrows back); patch: an existing one
 is taken over, as described below. Every word below about the key holds for both.
