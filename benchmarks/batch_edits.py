@@ -9,7 +9,9 @@ the same relation that must keep their answer) and neighbour facts that are only
 known to the model (top-1 right on the first prompt and on at least half of them), none shared.
 A relation's usable templates alternate between locate (up to 3) and held back (up to 3, the
 paraphrases); an edit is located on the locate templates only. Facts of relations that no edit
-touches measure "other relations", with the everyday prompts shipped with kn-edit.
+touches measure "other relations", with the everyday prompts shipped with kn-edit; each edited subject in
+the first template of every other relation measured, whether its answer there stays ("edited subjects in
+other relations").
 `--erase RELATION` erases one relation instead (solve, control, the paper's rule). Every row is measured on the edited model in memory with
 plain top-1 predictions, not read from kn-edit's report; the model is restored between rows.
 Results go to results/batch-edits.md and .json, rewritten after every row.
@@ -68,6 +70,7 @@ RULES = {
     "spread10": {"solve": {"spread": 10}},
     "patch": {"solve": {"select": "patch"}},  # a memory neuron per edit and layer (apply/patch.py)
     "subject": {"solve": {"select": "subject"}},  # the default before add
+    "subject8": {"solve": {"subject_prompts": 8}},  # each edited subject in 8 shipped templates of other relations (KL)
     "add": {"solve": {"select": "add"}},  # memory neurons added to the FFN, layers 3-4 of 30 (the default on gated MLPs)
     "add-5layers": {"solve": {"select": "add", "max_layer": 0.25}},  # layers 3-7
     "patch-5layers": {"solve": {"select": "patch", "max_layer": 0.25}},  # layers 3-7 of SmolLM2's 30 (measured first)
@@ -216,6 +219,11 @@ def main():
         loc = [F.prompts(r, s, held=False) for r, (s, _, _) in chosen]
         held = [F.prompts(r, s, held=True) for r, (s, _, _) in chosen]
         new_ids = [target_id(tok, ps[0], new, True) for ps, (_, (_, _, new)) in zip(loc, chosen, strict=True)]
+        # each edited subject in the first template of every other relation measured: answers an edit should not move
+        own = [
+            encode(tok, F.found[x]["loc"][0].replace("[X]", s), True) for r, (s, _, _) in chosen for x in edited + other if x != r
+        ]
+        own_base = top1(own)
         for rule in rules_run:
             t = time.time()
             undo, columns = edit(model, batch, edits, rule, args)
@@ -223,8 +231,10 @@ def main():
             hits = [[int(x) == i for x in top1(ps)] for ps, i in zip(loc, new_ids, strict=True)]
             ghits = [int(x) == i for ps, i in zip(held, new_ids, strict=True) for x in top1(ps)]
             after = {"neigh": top1(neighbour_prompts), "other": top1(other_prompts), "probe": top1(probe)}
+            own_after = top1(own)
             if args.changed:  # the prompts whose top-1 changed, for a look at where the edits leak
-                sets = {"neigh": neighbour_prompts, "other": other_prompts, "probe": probe}
+                sets = {"neigh": neighbour_prompts, "other": other_prompts, "probe": probe, "own": own}
+                base["own"], after["own"] = own_base, own_after
                 moved = {
                     k: [
                         (p.text, tok.decode([a]), tok.decode([b]))
@@ -234,7 +244,9 @@ def main():
                     for k in sets
                 }
                 (args.out.parent / f"{args.out.name}-changed-{rule}-{n}.json").write_text(json.dumps(moved, indent=1))
+            base.pop("own", None), after.pop("own", None)
             row = _row(n, rule, hits, ghits, _kept_all(base, after, right), model, tok, text, base_ppl)
+            row["own_other_kept"] = _kept(own_base, own_after)
             row |= {"columns": columns, "locate_s": t_locate, "edit_s": t_edit}
             undo.restore()
             rows.append(row)
@@ -473,16 +485,21 @@ def _write(out: Path, meta, rows):
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     head = (
         "| edits | rule | efficacy | edits held | held-out generalization | same-relation kept | other relations kept "
-        "| right answers kept (same / other) | everyday prompts kept | text ppl (change) | columns | edit time |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| right answers kept (same / other) | edited subjects in other relations kept | everyday prompts kept "
+        "| text ppl (change) | columns | edit time |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
+
+    def own(r):  # the multi-token benchmark's rows have none
+        return f"{r['own_other_kept']:.0%}" if "own_other_kept" in r else "-"
 
     def right(r):  # rows measured before the column existed have none
         return "/".join(f"{r[k]:.0%}" if k in r else "-" for k in ("same_relation_right_kept", "other_relations_right_kept"))
 
     body = "".join(
         f"| {r['edits']} | {r['rule']} | {r['efficacy']:.0%} | {r['edits_held']:.0%} | {r['generalization']:.0%} "
-        f"| {r['same_relation_kept']:.0%} | {r['other_relations_kept']:.0%} | {right(r)} | {r['probe_kept']:.0%} "
+        f"| {r['same_relation_kept']:.0%} | {r['other_relations_kept']:.0%} | {right(r)} "
+        f"| {own(r)} | {r['probe_kept']:.0%} "
         f"| {_ppl(r['text_ppl'], r['text_ppl_change'])} | {r['columns']} | {r['edit_s']:.0f} s |\n"
         for r in rows
     )

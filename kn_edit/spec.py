@@ -234,6 +234,14 @@ class Solve(_Strict):
         "erase, this many facts of each relation that answers with the erased answers (e.g. languages) (KL term only; "
         "0: none)",
     )
+    subject_prompts: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="per update, its subject in this many shipped templates of other relations (none sharing a word "
+        "with the update's templates, nor one where the model answers with the old target) keeps the base model's answers "
+        "there (KL term only; 0: none)",
+    )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")
     l2: float = Field(0.01, ge=0, allow_inf_nan=False, description="weight of sum |d|^2 / |v|^2 over the changed slots")

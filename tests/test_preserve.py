@@ -154,3 +154,80 @@ def test_an_erase_keeps_the_kin_relations_facts(llama_dir, world, tmp_path, writ
     assert all(any(p.text.startswith(t.split("[X]")[0]) for t in world.templates("capital")[2:]) for p in got)
     assert not any(s in p.text for p in got for s, _ in world.facts["maker"] + world.facts["capital"])
     assert got == preserve.pararel_prompts(batch, 5)  # seeded
+
+
+def test_subject_prompts_put_the_edited_subject_into_other_relations_only(llama_dir, world, write_spec):
+    """solve.subject_prompts: each update's own subject in shipped templates of other relations; none that
+    shares a word with the update's templates (a paraphrase of the edited relation), seeded."""
+    from kn_edit.measure.safety import shipped
+
+    edits = [_update(world, 0), _update(world, 3)]
+    b = prepare(write_spec({"model": str(llama_dir), "edits": edits}))
+    out = preserve.subject_prompts(b, 100)
+    subjects = [world.facts["capital"][k][0] for k in (0, 3)]
+    shipped_temps = [t for t in shipped("templates_subject.txt").splitlines() if t.strip()]
+    own_words = {"capital", "city", "seat", "government"}  # the world's capital templates' words of >= 4 letters
+    free = [t for t in shipped_temps if not own_words & set(t.lower().replace(".", " ").split())]
+    assert 0 < len(free) < len(shipped_temps)  # "[X] is the capital of [Y]." is left out
+    for s in subjects:
+        mine = [p.text for p in out if p.text.split()[0] == s or f" {s} " in p.text]
+        assert sorted(mine) == sorted(t.replace("[X]", s) for t in free)
+    assert all("capital" not in p.text for p in out)
+    few = preserve.subject_prompts(b, 3, seed=1)
+    assert len(few) == 6 and [p.ids for p in few] == [p.ids for p in preserve.subject_prompts(b, 3, seed=1)]
+    assert preserve.subject_prompts(b, 0) == []
+
+
+def test_the_edited_subject_keeps_its_other_relations(llama_dir, world):
+    """about: the edited subject in other relations' prompts, held by the KL term: the edit still takes, and
+    what the subject's prompts of other relations answer moves less, on those prompts and on unseen ones."""
+    import torch
+
+    from kn_edit import pipeline
+    from kn_edit.apply import solve as S
+    from kn_edit.measure.predict import predict_many
+    from kn_edit.plan.prompts import encode, target_id
+
+    m, tok = (x := pipeline.load(str(llama_dir), device="cpu")).model, x.tok
+    (s, o) = world.facts["capital"][0]
+    ps = [encode(tok, t.replace("[X]", s), True) for t in world.templates("capital")[:2]]
+    goal = S.Goal(ps, new_ids=target_id(tok, ps[0], next(x for x in world.objects("capital") if x != o), True))
+    other = [encode(tok, t.replace("[X]", s), True) for r in ("language", "maker") for t in world.templates(r)]
+    about = [p for k, p in enumerate(other) if k % 4 != 3]  # the 4th template of each relation stays unseen
+    base = [p.clamp_min(1e-30).log() for p in predict_many(m, other)]
+    columns = [(l, i) for l in (1, 2) for i in range(0, 256, 4)]
+    kl = {}
+    for with_about in (False, True):
+        deltas, stats = S.solve(m, columns, [goal], settings=S.Settings(steps=80, margin=1.0, keep=10), causal=True,
+                                about=about if with_about else ())  # fmt: skip
+        assert stats.reached
+        with torch.no_grad():
+            saved = {c: S.arch.value_slots(m, c[0])[c[1]].clone() for c in deltas}
+            for (l, i), d in deltas.items():
+                S.arch.value_slots(m, l)[i] += d
+            after = [p.clamp_min(1e-30).log() for p in predict_many(m, other)]
+            for (l, i), v in saved.items():
+                S.arch.value_slots(m, l)[i] = v
+        each = [float((b.exp() * (b - a)).sum()) for b, a in zip(base, after, strict=True)]
+        kl[with_about] = [sum(each[k] for k in range(len(other)) if (k % 4 == 3) == held) / 2 for held in (False, True)]
+    assert kl[True][0] < 0.5 * kl[False][0] and kl[True][1] < kl[False][1], kl
+
+
+def test_subject_prompts_leave_out_where_the_model_answers_with_the_old_target(llama_dir, world, write_spec):
+    """Given the model, a template where it answers the edited subject with the old target is left out (a
+    paraphrase of the edited relation in other words: there the KL would hold the edit back)."""
+    from kn_edit import pipeline
+    from kn_edit.measure.predict import predict_many
+    from kn_edit.measure.safety import shipped
+    from kn_edit.plan.prompts import encode, target_id
+
+    b = prepare(write_spec({"model": str(llama_dir), "edits": [_update(world, 0)]}))
+    m, tok = (x := pipeline.load(str(llama_dir), device="cpu")).model, x.tok
+    s, o = world.facts["capital"][0]
+    free = [t for t in shipped("templates_subject.txt").splitlines() if t.strip() and "capital" not in t]
+    filled = [encode(tok, t.replace("[X]", s), True) for t in free]
+    says_old = [int(x.argmax()) == target_id(tok, p, o, True) for p, x in zip(filled, predict_many(m, filled), strict=True)]
+    assert 0 < sum(says_old) < len(free)  # the tiny model answers its city for "The official language of [X] is"
+    assert sorted(p.text for p in preserve.subject_prompts(b, 100)) == sorted(p.text for p in filled)
+    kept = sorted(p.text for p in preserve.subject_prompts(b, 100, model=m))
+    assert kept == sorted(p.text for p, old in zip(filled, says_old, strict=True) if not old)

@@ -6,6 +6,9 @@
   forgotten for every subject);
 - everyday factual prompts (data/prompts_preserve.txt);
 - plain English text (data/text_preserve.txt), every position (masked LMs: every 7th token masked);
+- each update's own subject in templates of other relations (data/templates_subject.txt, `solve.subject_prompts`
+  of them, none sharing a word with the update's own templates): the subject's memory is read there too, and
+  what it answers there should stay (KL term only: subject_prompts());
 - with a PARAREL directory and `solve.pararel_facts`, that many other facts of each update's relation
   (a PARAREL relation id such as P36), drawn from it, and for an erase that many facts of each kin
   relation: one whose facts answer with the erased answers (languages for "native language": "X speaks")
@@ -181,6 +184,37 @@ def pararel_prompts(batch, n: int, seed: int = 0) -> list:
     out = list({p.ids: p for p in out}.values())
     rng = random.Random(f"kn-edit-drawn:{seed}")
     return sorted(rng.sample(out, MAX_DRAWN), key=out.index) if len(out) > MAX_DRAWN else out
+
+
+_WORD = re.compile(r"[a-z]{4,}")
+
+
+def subject_prompts(batch, n: int, seed: int = 0, model=None) -> list:
+    """Per update, its subject filled into n of the shipped templates of other relations (a seeded draw per
+    subject), leaving out any template that shares a word of four or more letters with the update's own
+    templates ("capital" in "[X] is the capital of [Y].") and, given the model, any where it answers with the
+    update's old target (a paraphrase of the edited relation by another wording: "[X] is a kind of [Y]." for
+    "subclass of"): the edit should change what the subject's memory says for its relation and nothing the
+    subject answers elsewhere."""
+    if n <= 0:
+        return []
+    temps = [t.strip() for t in shipped("templates_subject.txt").splitlines() if t.strip()]
+    per = []
+    for e in batch.edits:
+        if e.kind != "update" or not e.fact.subject:
+            continue
+        own = set(_WORD.findall(" ".join(p.text for p in e.fact.prompts).lower().replace(e.fact.subject.lower(), " ")))
+        free = [t for t in temps if not own & set(_WORD.findall(t.lower()))]
+        random.Random(f"kn-edit-subject:{seed}:{e.fact.subject}").shuffle(free)
+        per.append((e, _filled(batch, free, [e.fact.subject])))
+    if model is not None:
+        from ..measure.predict import predict_many
+
+        flat = [p for _, ps in per for p in ps]
+        top = iter([int(x.argmax()) for x in predict_many(model, flat)] if flat else [])
+        per = [(e, [p for p, t in zip(ps, top) if t != e.fact.target_ids[0]]) for e, ps in per]
+    out = [p for _, ps in per for p in ps[:n]]
+    return list({p.text: p for p in out}.values())
 
 
 def keep_prompts(batch, seed: int = 0) -> list:

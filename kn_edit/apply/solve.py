@@ -9,6 +9,7 @@ Objective, minimised with Adam (all edits at once):
 
     mean_edit_prompts  -log p(t' | prompt)                            the edits take
   + keep * mean_prompts  KL(p_base || p)  at the answer position       preservation prompts keep their answers
+  + keep * mean_about    KL(p_base || p)  at the answer position       the edited subjects' other relations too
   + text * mean_tokens   KL(p_base || p)                               plain text keeps its distribution
   + l2   * sum_j |d_j|^2 / |v_j|^2                                     small changes
   + spread * sum_layers mean_x |sum_j a_j(x) d_j|^2 / mean_x |FFN(x)|^2  no change elsewhere
@@ -224,12 +225,16 @@ def _kl(base_logp, logits):
     return (base_logp.exp() * (base_logp - logits.log_softmax(-1))).sum()
 
 
-def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings: Settings | None = None, causal=False, near=()):
+def solve(
+    model, columns, goals: list[Goal], keep_prompts=(), text=(), settings: Settings | None = None, causal=False, near=(), about=()
+):
     """{(layer, neuron): change of its value slot} for all goals together, and Stats.
     text: (token ids, scored positions) windows of plain text; causal: the model is a causal LM;
     near: prompts kept by the KL term like keep_prompts but left out of the spread term's moments (facts
     of the edited relations, which fire the edits' own neurons: in the spread term they would hold
-    every edit back; at the answer the KL holds back only what changes their answers)."""
+    every edit back; at the answer the KL holds back only what changes their answers); about: the same
+    for the edited subjects in other relations' prompts, drawn apart (`sample` per step), so that they
+    neither crowd out the other preservation prompts nor go unseen."""
     s = settings or Settings()
     layer = min(l for l, _ in columns)
     reads = [(g, *r) for g in goals for r in g.reads(arch.arch_of(model).causal)]
@@ -242,10 +247,11 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
     keep_rows = _rows(model, [list(p.ids) for p in keep_prompts], [[p.pos] for p in keep_prompts], layer, 16, causal)
     text_rows = _rows(model, [list(w) for w, _ in text], [list(at) for _, at in text], layer, 1, causal)
     near_rows = _rows(model, [list(p.ids) for p in near], [[p.pos] for p in near], layer, 16, causal)
+    about_rows = _rows(model, [list(p.ids) for p in about], [[p.pos] for p in about], layer, 16, causal)
     delta = _Delta(model, columns, s.norm_floor)
     delta.moments(keep_rows + text_rows, layer)  # the base log-probs, and the spread term's moments
     with torch.no_grad():
-        for r in near_rows:
+        for r in near_rows + about_rows:
             r.base = _logits(model, r, layer).log_softmax(-1)
     keep_rows = keep_rows + near_rows
     gen = torch.Generator().manual_seed(s.seed)
@@ -286,7 +292,11 @@ def solve(model, columns, goals: list[Goal], keep_prompts=(), text=(), settings:
                 if len(picked) == len(edit_rows) or _all_done(model, edit_rows, layer, target, update, s.margin):
                     stats.reached = True
                     break
-            for rows, weight, budget in ((keep_rows, s.keep, s.sample), (text_rows, s.text, 2 * s.sample)):
+            for rows, weight, budget in (
+                (keep_rows, s.keep, s.sample),
+                (about_rows, s.keep, s.sample),
+                (text_rows, s.text, 2 * s.sample),
+            ):
                 picked, per = draw(rows, budget) if weight else ([], 0)
                 for r in picked:
                     loss = weight * per * _kl(r.base, _logits(model, r, layer))

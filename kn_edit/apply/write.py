@@ -69,7 +69,7 @@ def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> r
         max_pos = getattr(model.config, "max_position_embeddings", 1 << 16)
         deltas, stats = solve(model, columns, [g for k in solved for g in goals(model, batch, edits[k], seed)], preserve.keep_prompts(batch, seed),
                               preserve.text_windows(batch, max_pos), settings(method, seed, any(edits[k].kind == "erase" for k in solved), any(edits[k].keys for k in solved)), batch.causal,
-                              preserve.pararel_prompts(batch, method.solve.pararel_facts, seed))  # fmt: skip
+                              preserve.pararel_prompts(batch, method.solve.pararel_facts, seed), preserve.subject_prompts(batch, method.solve.subject_prompts, seed, model))  # fmt: skip
         progress.log.info("batch solve: %d steps, every edit prompt done: %s", stats.steps, stats.reached)
         rules.write(model, deltas)
         if real:
