@@ -6,9 +6,10 @@
   forgotten for every subject);
 - everyday factual prompts (data/prompts_preserve.txt);
 - plain English text (data/text_preserve.txt), every position (masked LMs: every 7th token masked);
-- each update's own subject in templates of other relations (data/templates_subject.txt, `solve.subject_prompts`
-  of them, none sharing a word with the update's own templates): the subject's memory is read there too, and
-  what it answers there should stay (KL term only: subject_prompts());
+- with `solve.subject_prompts` (off by default), each update's own subject in that many templates of other
+  relations (data/templates_subject.txt; none sharing a word with the update's own templates, nor one the model
+  answers with the old target): the subject's memory is read there too, and what it answers there should stay
+  (KL term only: subject_prompts());
 - with a PARAREL directory and `solve.pararel_facts`, that many other facts of each update's relation
   (a PARAREL relation id such as P36), drawn from it, and for an erase that many facts of each kin
   relation: one whose facts answer with the erased answers (languages for "native language": "X speaks")
