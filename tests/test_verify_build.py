@@ -146,3 +146,29 @@ def test_suppression_matches_a_plain_reference(bert_dir, world):
             h.remove()
     got = metrics.scaled_p(model, p, neurons, 0.0, t)
     assert got == pytest.approx(ref, rel=1e-4) and got != pytest.approx(float(probs[t]), rel=1e-6)
+
+
+def test_two_edits_that_read_one_prompt_are_measured_with_both_answers_and_warned(llama_dir, world, write_spec):
+    """Two relations whose templates read alike for a shared subject ("X, developed by [Y]." and "X, developed
+    by [Y]"): one prompt, measured once with both edits' answers (it used to keep one edit's, and the control's
+    metrics failed on the other's), and a warning that at most one new target can hold there."""
+    from kn_edit import pipeline
+    from kn_edit.measure import probes
+    from kn_edit.plan.batch import prepare
+
+    s, o = world.facts["capital"][0]
+    first, second = [x for x in world.objects("capital") if x != o][:2]
+    edits = [
+        {"update": {"relation": "capital", "subject": s, "target": o, "new_target": first, "templates": ["the capital of [X] is [Y] ."]}},
+        {"update": {"relation": "seat", "subject": s, "target": o, "new_target": second, "templates": ["the capital of [X] is [Y]"]}},
+    ]  # fmt: skip
+    batch = prepare(write_spec({"model": str(llama_dir), "edits": edits}))
+    assert [w for w in batch.warnings if "ask the same prompt" in w and first in w and second in w]
+    a, b = batch.edits
+    assert a.fact.prompts[0].ids == b.fact.prompts[0].ids and a.fact.prompts[0].text != b.fact.prompts[0].text
+    probes.attach(batch.edits, batch.extra, batch.spec.verify.neighbours)
+    m = pipeline.load(str(llama_dir), device="cpu").model
+    seen = metrics.measure(m, batch.edits)
+    assert {a.new_ids, b.new_ids, a.fact.target_ids} <= set(seen[a.fact.prompts[0].ids][1])
+    for e in batch.edits:  # what failed before: each edit's metrics read its own new target
+        assert metrics.edit_metrics(e.probe, seen, seen)["p_new_shift"] == 0.0

@@ -39,15 +39,19 @@ class EditResult:
     control: dict | None = None  # mean over the draws
 
 
-def _wanted(edits) -> dict[Prompt, set[tuple[int, ...]]]:
-    want = defaultdict(set)
+def _wanted(edits) -> dict[tuple[int, ...], tuple[Prompt, set[tuple[int, ...]]]]:
+    """Per prompt's token ids, a prompt with them and every answer watched there: prompts that read the
+    same ("X, developed by [Y]." of one edit and "X, developed by [Y]" of another) are one, measured once
+    with the answers of both."""
+    want = {}
     for e in edits:
         pr = e.probe
         for f in pr.facts + pr.intra + pr.inter:
             for p in f.prompts:
-                want[p].add(f.target_ids)
+                got = want.setdefault(p.ids, (p, set()))[1]
+                got.add(f.target_ids)
                 if pr.new_ids is not None and f in pr.facts:
-                    want[p].add(pr.new_ids)
+                    got.add(pr.new_ids)
     return want
 
 
@@ -56,7 +60,7 @@ def measure(model, edits) -> Seen:
     """The answers (of each length watched) and the watched answers' probabilities on every
     prompt the edits' probes name."""
     seen = {}
-    for p, want in _wanted(edits).items():
+    for p, want in _wanted(edits).values():
         probs = prediction.predict(model, p)
         tops = prediction.answers(model, p, {len(t) for t in want}, int(probs.argmax()))
         seen[p.ids] = (tops, {t: answer_p(model, p, t, probs) for t in sorted(want)})

@@ -131,7 +131,26 @@ def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = Non
     tok = loading.load_tokenizer(src)
     causal = loading.is_causal(src)
     edits, used = make(spec, tok, causal, file, pararel_dir, solving)
-    return Batch(spec, text, file, src, tok, causal, edits, facts_of_verify(spec, tok, causal, file), used)
+    batch = Batch(spec, text, file, src, tok, causal, edits, facts_of_verify(spec, tok, causal, file), used)
+    batch.warnings += contradictions(edits)
+    return batch
+
+
+def contradictions(edits) -> list[str]:
+    """Warnings for updates that ask one prompt (the same tokens) for different new targets: at most one of
+    them can hold there (two relations whose templates read alike for a shared subject)."""
+    seen, out = {}, []
+    for e in edits:
+        if e.kind != "update":
+            continue
+        for p in e.fact.prompts:
+            first = seen.setdefault(p.ids, (e, p))[0]
+            if first is not e and first.new_ids != e.new_ids:
+                out.append(
+                    f"{first.where} and {e.where} ask the same prompt {p.text!r} for {first.new_target!r} and "
+                    f"{e.new_target!r}: at most one can hold there"
+                )
+    return out
 
 
 def fact(tok, causal, subject, target, texts, where, problems, relation: str = "", at: str = "") -> Fact | None:
