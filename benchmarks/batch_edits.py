@@ -234,17 +234,16 @@ def main():
             own_after = top1(own)
             if args.changed:  # the prompts whose top-1 changed, for a look at where the edits leak
                 sets = {"neigh": neighbour_prompts, "other": other_prompts, "probe": probe, "own": own}
-                base["own"], after["own"] = own_base, own_after
+                was, now = base | {"own": own_base}, after | {"own": own_after}
                 moved = {
                     k: [
                         (p.text, tok.decode([a]), tok.decode([b]))
-                        for p, a, b in zip(sets[k], base[k], after[k], strict=True)
+                        for p, a, b in zip(sets[k], was[k], now[k], strict=True)
                         if a != b
                     ]
                     for k in sets
                 }
                 (args.out.parent / f"{args.out.name}-changed-{rule}-{n}.json").write_text(json.dumps(moved, indent=1))
-            base.pop("own", None), after.pop("own", None)
             row = _row(n, rule, hits, ghits, _kept_all(base, after, right), model, tok, text, base_ppl)
             row["own_other_kept"] = _kept(own_base, own_after)
             row |= {"columns": columns, "locate_s": t_locate, "edit_s": t_edit}

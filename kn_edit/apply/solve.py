@@ -244,10 +244,12 @@ def solve(
     seqs, scored = [list(p.ids) for _, p, _ in reads], [list(range(p.pos, p.pos + len(ids))) for _, p, ids in reads]
     edit_rows = _rows(model, seqs, scored, layer, 32, causal)
     # preservation rows in small groups, a random share of them per step
-    keep_rows = _rows(model, [list(p.ids) for p in keep_prompts], [[p.pos] for p in keep_prompts], layer, 16, causal)
+
+    def prompt_rows(prompts):  # scored at the answer position
+        return _rows(model, [list(p.ids) for p in prompts], [[p.pos] for p in prompts], layer, 16, causal)
+
+    keep_rows, near_rows, about_rows = prompt_rows(keep_prompts), prompt_rows(near), prompt_rows(about)
     text_rows = _rows(model, [list(w) for w, _ in text], [list(at) for _, at in text], layer, 1, causal)
-    near_rows = _rows(model, [list(p.ids) for p in near], [[p.pos] for p in near], layer, 16, causal)
-    about_rows = _rows(model, [list(p.ids) for p in about], [[p.pos] for p in about], layer, 16, causal)
     delta = _Delta(model, columns, s.norm_floor)
     delta.moments(keep_rows + text_rows, layer)  # the base log-probs, and the spread term's moments
     with torch.no_grad():
