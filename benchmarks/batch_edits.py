@@ -71,6 +71,9 @@ RULES = {
     "patch": {"solve": {"select": "patch"}},  # a memory neuron per edit and layer (apply/patch.py)
     "subject": {"solve": {"select": "subject"}},  # the default before add
     "subject8": {"solve": {"subject_prompts": 8}},  # each edited subject in 8 shipped templates of other relations (KL)
+    "near0": {"solve": {"near_misses": 0}},  # add's up row = its gate's key (the default before)
+    "near8": {"solve": {"near_misses": 8}},  # add's up row held to 0 at 8 near misses of each edited subject
+    "near16": {"solve": {"near_misses": 16}},  # the default
     "add": {"solve": {"select": "add"}},  # memory neurons added to the FFN, layers 3-4 of 30 (the default on gated MLPs)
     "add-5layers": {"solve": {"select": "add", "max_layer": 0.25}},  # layers 3-7
     "patch-5layers": {"solve": {"select": "patch", "max_layer": 0.25}},  # layers 3-7 of SmolLM2's 30 (measured first)
@@ -243,6 +246,12 @@ def main():
                     ]
                     for k in sets
                 }
+                moved["missed"] = [  # the edits' own prompts that do not answer t'
+                    (p.text, tok.decode([i]), tok.decode([int(x)]))
+                    for ps, i, hs in zip(loc, new_ids, hits, strict=True)
+                    for p, x, h in zip(ps, top1(ps), hs, strict=True)
+                    if not h
+                ]
                 (args.out.parent / f"{args.out.name}-changed-{rule}-{n}.json").write_text(json.dumps(moved, indent=1))
             row = _row(n, rule, hits, ghits, _kept_all(base, after, right), model, tok, text, base_ppl)
             row["own_other_kept"] = _kept(own_base, own_after)
@@ -361,8 +370,10 @@ def edit(model, batch, edits, rule, args):
     control, real = _parsed(rule)
     method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
     others = preserve.others(batch, method.solve.select, args.seed)
-    text = preserve.background(batch) if selection(model, method.solve) in ("patch", "add") else ()
-    choose(model, batch.edits, method, others, text)
+    keyed = selection(model, method.solve) in ("patch", "add")
+    text = preserve.background(batch) if keyed else ()
+    near = preserve.near_misses(batch, method.solve.near_misses, args.seed) if keyed else None
+    choose(model, batch.edits, method, others, text, near)
     neurons = None
     if control:
         r_ = random.Random(args.seed)

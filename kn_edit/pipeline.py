@@ -123,8 +123,10 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     with progress.timed("choosing neurons"):
         select = selection(model, method.solve)
         others = preserve.others(batch, select, seed)
-        text = preserve.background(batch) if select in ("patch", "add") else ()
-        batch.warnings += choose(model, batch.edits, method, others, text)
+        keyed = select in ("patch", "add")
+        text = preserve.background(batch) if keyed else ()
+        near = preserve.near_misses(batch, method.solve.near_misses, seed) if keyed else None
+        batch.warnings += choose(model, batch.edits, method, others, text, near)
     undo = None
 
     def edited():

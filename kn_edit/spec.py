@@ -242,6 +242,14 @@ class Solve(_Strict):
         "with the update's templates, nor one where the model answers with the old target) keeps the base model's answers "
         "there (KL term only; 0: none)",
     )
+    near_misses: int = Field(
+        16,
+        ge=0,
+        le=100,
+        description="select add/patch: per update whose subject has two or more words, this many near misses of it (its "
+        "last word alone or after another word, in its located prompts) where its memory neuron must stay off: the up row "
+        "is keyed to 1 at the subject and 0 there (0: the up row is the gate's key, as before)",
+    )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")
     l2: float = Field(0.01, ge=0, allow_inf_nan=False, description="weight of sum |d|^2 / |v|^2 over the changed slots")

@@ -231,3 +231,25 @@ def test_subject_prompts_leave_out_where_the_model_answers_with_the_old_target(l
     assert sorted(p.text for p in preserve.subject_prompts(b, 100)) == sorted(p.text for p in filled)
     kept = sorted(p.text for p in preserve.subject_prompts(b, 100, model=m))
     assert kept == sorted(p.text for p, old in zip(filled, says_old, strict=True) if not old)
+
+
+def test_near_misses_end_in_the_subjects_last_word(llama_dir, world, write_spec):
+    """solve.near_misses: per update with a subject of two or more words, its located prompts with the subject
+    replaced by its last word alone and after other words (never the subject, nor one of its own words
+    again); n names, seeded; none for a one-word subject or when n is 0."""
+    s, t = world.facts["capital"][0][0], world.facts["capital"][1][0]
+    two = {"update": _update(world, 0)["update"] | {"subject": f"{t} {s}"}}
+    b = prepare(write_spec({"model": str(llama_dir), "edits": [two, _update(world, 3)], "verify": {"held_out": 1}}))
+    got = preserve.near_misses(b, 4)
+    assert len(got) == 2 and got[1] == []  # the one-word subject: none
+    located = [p.text for p in b.edits[0].located_prompts]
+    assert len(located) == 3  # the fourth template is held out, and not used
+    texts = {p.text for p in got[0]}
+    assert len(got[0]) == len(texts) == 3 * 4  # every located prompt, 4 names
+    for p in got[0]:
+        name = next(n for n in [s, *(f"{m} {s}" for m in preserve.MODIFIERS)] if p.text.replace(n, f"{t} {s}") in located)
+        assert name != f"{t} {s}" and t not in p.text.split() and p.subject is not None
+    assert any(p.text == located[0].replace(f"{t} {s}", s) for p in got[0])  # the last word alone is always one
+    assert [p.ids for p in preserve.near_misses(b, 4)[0]] == [p.ids for p in got[0]]  # seeded
+    assert {p.text for p in preserve.near_misses(b, 4, seed=1)[0]} != texts
+    assert preserve.near_misses(b, 0) == [[], []]

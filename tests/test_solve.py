@@ -420,6 +420,80 @@ def test_patch_key_is_the_constrained_least_squares_solution(llama_dir, world):
         assert (xe @ k).min() >= 0.95  # every template's state reads the key
 
 
+def test_near_misses_key_the_up_row_apart_from_the_gate(llama_dir, world):
+    """patch.choose with near misses: the gate row is the key without them (as above), the up row the
+    least mean (u . x)^2 over the background with u . x_p = 1 at the subject's states and u . x_q = 0 at the
+    near misses' (the KKT system of a plain solve, softened by the same ridge): the neuron then fires SIZE at
+    the subject and nothing at the near misses, where the gate alone is open."""
+    from types import SimpleNamespace
+
+    from kn_edit.apply import patch
+
+    m, tok = (x := pipeline.load(str(llama_dir), device="cpu")).model, x.tok
+    subject, near = world.facts["capital"][0][0], [world.facts["capital"][k][0] for k in (1, 2)]
+    templates = world.templates("capital")[:2]
+    ps = [encode(tok, t.replace("[X]", subject), True, subject=subject) for t in templates]
+    qs = [encode(tok, t.replace("[X]", n), True, subject=n) for t in templates for n in near]
+    seqs = [list(_prompts(tok, world, "capital", k)[0][0].ids) for k in (3, 4, 6, 7, 8)]
+    plain, apart = SimpleNamespace(located_prompts=ps), SimpleNamespace(located_prompts=ps)
+    patch.choose(m, [plain], range(1, 2), seqs)
+    patch.choose(m, [apart], range(1, 2), seqs, near=[qs])
+    xs = []
+    hook = arch.key_module(m, 1).register_forward_hook(lambda mod, a, o: xs.append(a[0][0].double()))
+    with torch.no_grad():
+        for s in seqs:
+            m(torch.tensor([s]))
+        n = len(xs)
+        for p in ps + qs:
+            m(torch.tensor([list(p.ids[: p.subject + 1])]))
+    hook.remove()
+    X = torch.cat(xs[:n])
+    xe, xq = torch.stack([x[-1] for x in xs[n : n + len(ps)]]), torch.stack([x[-1] for x in xs[n + len(ps) :]])
+    xe, xq = torch.unique(xe, dim=0), torch.unique(xq, dim=0)
+    K = X.T @ X / len(X)
+    K = K + patch.RIDGE * K.diagonal().mean() * torch.eye(len(K), dtype=K.dtype)
+    Ac = torch.cat([xe, xq])
+    rho = patch.GRAM_RIDGE * float((Ac @ torch.linalg.inv(K) @ Ac.T).diagonal().mean())
+    h, P = len(K), len(Ac)
+    A = torch.zeros(h + P, h + P, dtype=K.dtype)
+    A[:h, :h], A[:h, h:], A[h:, :h], A[h:, h:] = 2 * K, Ac.T, Ac, -rho / 2 * torch.eye(P, dtype=K.dtype)
+    b = torch.cat([torch.zeros(h, dtype=K.dtype), torch.ones(len(xe), dtype=K.dtype), torch.zeros(len(xq), dtype=K.dtype)])
+    u_ref = torch.linalg.solve(A, b)[:h]
+    ((g0, _),), ((g, u),) = plain.keys.values(), apart.keys.values()
+    assert torch.equal(g, g0)  # the gate is the key without near misses
+    act = patch._act(m, 1)
+    unit = u.double() * float(act(torch.tensor(patch.ALPHA))) / patch.SIZE
+    assert torch.allclose(unit, u_ref, rtol=1e-3, atol=1e-5 * float(u_ref.abs().max()))
+    fired = act(xe @ g.double()) * (xe @ u.double())
+    assert torch.allclose(fired, torch.full_like(fired, patch.SIZE), rtol=1e-3)
+    assert (act(xq @ g.double()) * (xq @ u.double())).abs().max() < 1e-3 * patch.SIZE
+
+
+def test_a_build_keys_the_up_row_apart_for_a_subject_of_two_words(llama_dir, world, write_spec):
+    """solve.near_misses reaches the keys through a build: with it, the memory neuron of an update whose
+    subject has two words has an up row that is not the gate's key (held to 0 at the near misses); the
+    one-word subject's, and every neuron with near_misses: 0, keep the up row at the gate's key."""
+    from kn_edit.options import BuildOptions
+
+    s, t = world.facts["capital"][0][0], world.facts["capital"][1][0]
+    two = {"update": update_edit(world, "capital", 0)["update"] | {"subject": f"{t} {s}"}}
+    rows = {}
+    for n in (0, 4):
+        spec = {
+            "model": str(llama_dir),
+            "method": {"steps": 4, "solve": {"select": "add", "min_layer": 0.25, "max_layer": 0.5, "steps": 1, "near_misses": n}},
+            "edits": [two, update_edit(world, "capital", 5)],
+            "verify": {"control_draws": 0, "safety": False},
+        }
+        result = pipeline.edit(write_spec(spec, f"near{n}.yaml"), options=BuildOptions(device="cpu", no_cache=True))
+        rows[n] = [next(iter(e.keys.values())) for e in result.batch.edits]
+        result.undo()
+    for n, edit in ((0, 0), (0, 1), (4, 1), (4, 0)):
+        g, u = (r.double() for r in rows[n][edit])
+        cos = float(g @ u / (g.norm() * u.norm()))
+        assert (cos > 1 - 1e-6) == ((n, edit) != (4, 0)), (n, edit, cos)
+
+
 def test_patch_on_a_family_without_a_gate_is_refused_by_field(bert_dir, world, write_spec, tmp_path):
     spec = {"model": str(bert_dir), "method": {"solve": {"select": "patch"}}, "edits": [update_edit(world, "capital", 0)]}
     r = _cli_build(write_spec(spec), tmp_path / "out")

@@ -142,10 +142,11 @@ def layer_range(model, solve, select: str) -> range:
     return range(int(lo * L), max(int(lo * L) + 1, round(hi * L)))
 
 
-def choose(model, edits, method, others=None, text=()) -> list[str]:
+def choose(model, edits, method, others=None, text=(), near=None) -> list[str]:
     """Fill in each edit's `neurons` (and for updates `dropped_shared`, `written`). method: spec.Method.
     others: per edit, prompts of its relation about other subjects (solve.select: specific, subject, patch);
-    text: token ids of plain text (select: patch, add). Returns warnings for the report."""
+    text: token ids of plain text (select: patch, add); near: per edit, prompts about near misses of its
+    subject (select: patch, add; preserve.near_misses). Returns warnings for the report."""
     warnings, memo = [], {}
     patched = []
     for e in edits:  # chosen afresh (a benchmark chooses again on the same records)
@@ -160,6 +161,7 @@ def choose(model, edits, method, others=None, text=()) -> list[str]:
             layer_range(model, method.solve, keyed),
             list({tuple(s): s for s in seqs}.values()),
             add=keyed == "add",
+            near=[near[k] for k in patched] if near else None,
         )
     with progress.bar(len(edits), "choosing neurons and scales", "edit") as bar:
         for k, e in enumerate(edits):

@@ -52,6 +52,26 @@ def _act(model, layer: int):
     return getattr(mlp, "act_fn", torch.nn.functional.silu)
 
 
+class _Reached(Exception):
+    pass
+
+
+def _run_to(model, module, ids) -> None:
+    """Run `ids` through the model until `module` has run (its forward hooks included), and no further:
+    the layers above it and the vocabulary projection change nothing the hooks below it see."""
+
+    def stop(m, a, o):
+        raise _Reached
+
+    h = module.register_forward_hook(stop)  # after the hooks already there, so they run first
+    try:
+        model(input_ids=torch.tensor([list(ids)], device=model.device))
+    except _Reached:
+        pass
+    finally:
+        h.remove()
+
+
 @torch.no_grad()
 def _stats(model, layers, seqs: list[list[int]]) -> tuple[dict, dict]:
     """Per layer: K = mean x x^T [hidden, hidden] and mu = mean x of the FFN inputs over every position of
@@ -75,7 +95,7 @@ def _stats(model, layers, seqs: list[list[int]]) -> tuple[dict, dict]:
     hooks += [arch.value_module(model, l).register_forward_hook(lambda m, a, o, l=l: seen_a(l, m, a, o)) for l in layers]
     try:
         for ids in seqs:
-            model(input_ids=torch.tensor([ids], device=model.device))
+            _run_to(model, arch.value_module(model, max(layers)), ids)
             n[0] += len(ids)
     finally:
         for h in hooks:
@@ -97,7 +117,7 @@ def _subject_states(model, prompts, layers) -> dict[int, torch.Tensor]:
     ]
     try:
         for p in prompts:
-            model(input_ids=torch.tensor([list(p.ids[: p.subject + 1])], device=model.device))
+            _run_to(model, arch.key_module(model, max(layers)), p.ids[: p.subject + 1])
     finally:
         for h in hooks:
             h.remove()
@@ -116,11 +136,25 @@ def key(K_inv: torch.Tensor, mu: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return A @ torch.linalg.solve(G, 1 + X @ km) - km
 
 
-def choose(model, edits, layers: range, seqs: list[list[int]], add: bool = False) -> None:
+def apart(K_inv: torch.Tensor, X: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+    """The least mean (k . x)^2 over the background with k . x_p = 1 for every row of X and k . x_q = 0
+    for every row of N [Q, hidden]: k = K^-1 A^T (A K^-1 A^T)^-1 b, A = [X; N], b = [1; 0] [hidden]."""
+    A = torch.cat([X, N])
+    b = torch.cat([torch.ones(len(X)), torch.zeros(len(N))]).to(A.dtype)
+    KA = K_inv @ A.T  # [hidden, P + Q]
+    G = A @ KA
+    G = G + GRAM_RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype)
+    return KA @ torch.linalg.solve(G, b)
+
+
+def choose(model, edits, layers: range, seqs: list[list[int]], add: bool = False, near: list | None = None) -> None:
     """Fill in each edit's `neurons` (one per layer of `layers`, distinct over the batch) and `keys`
     {(layer, neuron): (gate row, up row)}. seqs: token ids of the plain text and of prompts about other
     subjects (K and the neurons' use). add: new neurons, numbered from the layer's width on (write()
-    widens the FFN), instead of the least-used ones."""
+    widens the FFN), instead of the least-used ones. near: per edit, prompts about near misses of its
+    subject (preserve.near_misses); where given, the up row is keyed apart from the gate: 1 at the
+    subject, 0 at the near misses, so the neuron stays off where the gate fires for a name that ends
+    alike."""
     layers = list(layers)
     K, mu, use = _stats(model, layers, seqs)
     width = arch.shape(model)[1]
@@ -130,18 +164,20 @@ def choose(model, edits, layers: range, seqs: list[list[int]], add: bool = False
         k = K[l]
         inv[l] = torch.linalg.inv(k + RIDGE * k.diagonal().mean() * torch.eye(len(k), dtype=k.dtype))
     with progress.bar(len(edits), "giving each edit its memory neurons", "edit") as bar:
-        for e in edits:
+        for j, e in enumerate(edits):
             # a prompt without its subject is read at its answer position
             x = _subject_states(
                 model, [p if p.subject is not None else replace(p, subject=p.pos) for p in e.located_prompts], layers
             )
+            misses = _subject_states(model, near[j], layers) if near and near[j] else None
             e.neurons, e.keys = [], {}
             for l in layers:
                 i = free[l].pop(0)
                 k = key(inv[l], mu[l], x[l])
+                u = k if misses is None else apart(inv[l], x[l], misses[l])
                 up = SIZE / float(_act(model, l)(torch.tensor(ALPHA)))
                 e.neurons.append((l, i))
-                e.keys[(l, i)] = ((ALPHA * k).float(), (up * k).float())
+                e.keys[(l, i)] = ((ALPHA * k).float(), (up * u).float())
             e.neurons.sort()
             bar.update(1)
 

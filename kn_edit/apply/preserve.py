@@ -79,6 +79,37 @@ def others(batch, select: str, seed: int = 0) -> list | None:
     return None if select == "score" else [same_relation(batch, e, seed=seed) for e in batch.edits]
 
 
+# words put before a subject's last word to make near misses of it (near_misses)
+MODIFIERS = (
+    "the new old great national first northern southern eastern western central upper lower united royal modern "
+    "ancient general American British French German Italian Russian Chinese Japanese Indian Spanish Soviet "
+    "Democratic Federal Islamic Catholic international"
+).split()
+
+
+def near_misses(batch, n: int, seed: int = 0) -> list[list]:
+    """Per edit, prompts about n near misses of an update's subject, for the key of its memory neuron
+    (solve.near_misses): its located prompts with the subject replaced by its last word alone or after
+    another word ("Republic", "the Republic", "French Republic" for "Italian Social Republic"), a
+    seeded draw per subject. A memory neuron's key is read at the subject's last token, where names
+    that end in the same word read alike ("Donetsk People's Republic" on the key of "Russian Soviet
+    Federative Socialist Republic": 0.97 of the subject's own reading). One-word subjects, erases: none."""
+    out = []
+    for e in batch.edits:
+        subject = e.fact.subject if e.kind == "update" else ""
+        words = (subject or "").split()
+        if n <= 0 or len(words) < 2:
+            out.append([])
+            continue
+        own = {w.lower() for w in words}
+        names = [f"{m} {words[-1]}" for m in MODIFIERS if m.lower() not in own]
+        random.Random(f"kn-edit-near:{seed}:{subject}").shuffle(names)
+        names = [words[-1], *names][:n]
+        texts = dict.fromkeys(p.text for p in e.located_prompts if subject in p.text)
+        out.append([q for t in texts for name in names for q in _filled(batch, [t.replace(subject, "[X]", 1)], [name])])
+    return out
+
+
 def erased_elsewhere(model, batch, e, n: int = 16, seed: int = 0) -> list[tuple]:
     """(prompt, answer id) of erase e's templates filled with common subjects where the base model
     answers with one of the erased facts' targets: the relation's answers for subjects the spec does
