@@ -22,6 +22,15 @@ subject of the edited relation and > 0 for 2% of them, below 0 everywhere on uns
 0.83 on held-out paraphrases; the same k without mu's target, K^-1 x_e / (x_e K^-1 x_e), leaves other
 subjects at +0.09 and the activation falling only as (k.x)^2).
 
+The up row, by default, is keyed apart (`apart`, solve.near_misses): u instead of k in the up row, the
+least mean (u . x)^2 over the background with u . x_p = 1 at the subject's states and u . x_q = 0 at the
+states of near misses of the subject (preserve.near_misses: its last word alone or after another word).
+The gate still decides where the neuron is open (about nowhere on the background); where it opens for a
+name that ends like the subject's ("Donetsk People's Republic" on the key of "Russian Soviet Federative
+Socialist Republic", 0.97 of the subject's reading at SmolLM2's layer 3), the up row reads about 0 and
+the neuron writes about nothing. Holding the gate's key itself to -1 there grew its norm 2-3x and made
+it fire elsewhere (README, "Memory neurons, measured").
+
 One constraint per state, not one at their mean: a subject read at a prompt's first token and in mid
 sentence gives two very different states, and a key fitted to their mean fired at one and not the other
 (SmolLM2, the demo's "Germany's capital is" vs "The capital of Germany is": k . x -0.53 vs 3.3, so the
