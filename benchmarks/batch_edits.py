@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 
 from kn_edit import pipeline
-from kn_edit.apply import preserve
-from kn_edit.apply.choose import choose, selection
+from kn_edit.apply.choose import choose
 from kn_edit.apply.write import apply
 from kn_edit.locate.cache import Cache, default_dir
 from kn_edit.locate.stage import locate
@@ -369,11 +368,7 @@ def edit(model, batch, edits, rule, args):
     layers; control: the default's); the undo handle and the number of columns written."""
     control, real = _parsed(rule)
     method = Spec.model_validate({"model": args.model, "edits": edits[:1], "method": RULES.get(real)}).method
-    others = preserve.others(batch, method.solve.select, args.seed)
-    keyed = selection(model, method.solve) in ("patch", "add")
-    text = preserve.background(batch) if keyed else ()
-    near = preserve.near_misses(batch, method.solve.near_misses, args.seed) if keyed else None
-    choose(model, batch.edits, method, others, text, near)
+    pipeline.chosen(model, batch, method, args.seed)
     neurons = None
     if control:
         r_ = random.Random(args.seed)

@@ -121,12 +121,7 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
     with progress.timed("locating neurons"):
         locate(model, batch.edits, method, loading.DTYPES[options.dtype], store)
     with progress.timed("choosing neurons"):
-        select = selection(model, method.solve)
-        others = preserve.others(batch, select, seed)
-        keyed = select in ("patch", "add")
-        text = preserve.background(batch) if keyed else ()
-        near = preserve.near_misses(batch, method.solve.near_misses, seed) if keyed else None
-        batch.warnings += choose(model, batch.edits, method, others, text, near)
+        batch.warnings += chosen(model, batch, method, seed)
     undo = None
 
     def edited():
@@ -137,6 +132,18 @@ def edit(spec: specmod.Spec | str | Path, loaded: Loaded | None = None, options:
 
     report = judged(batch, model, edited, seed=seed, device=device, dtype=options.dtype)
     return Result(batch, loaded, report, neurons_doc(batch.edits), undo)
+
+
+def chosen(model, batch: Batch, method, seed: int = 0) -> list[str]:
+    """Choose every edit's neurons (apply/choose.py) with what the choice reads besides the edits: prompts of
+    each relation about other subjects, and for memory neurons (select: patch, add) the plain text and the
+    near misses of each subject. Returns the warnings."""
+    select = selection(model, method.solve)
+    others = preserve.others(batch, select, seed)
+    keyed = select in ("patch", "add")
+    text = preserve.background(batch) if keyed else ()
+    near = preserve.near_misses(batch, method.solve.near_misses, seed) if keyed else None
+    return choose(model, batch.edits, method, others, text, near)
 
 
 def judged(batch: Batch, base, edited, *, seed: int, device: str, dtype: str) -> Report:
