@@ -41,6 +41,30 @@ def test_goal_reads_the_whole_new_target_and_the_old_target_first_token():
     assert S.Goal([causal], new_ids=3).reads(True) == [(causal, (3,))]
 
 
+def test_a_prompt_two_updates_ask_for_different_targets_is_left_to_the_first():
+    """The solve is not asked to pull one prompt two ways: a later update with another target loses it, one with
+    the same target keeps it, an erase keeps all its prompts, and an update left with none is dropped."""
+    from kn_edit.apply.write import claimed
+    from kn_edit.plan.prompts import Prompt
+
+    a, b, c = (Prompt(t, ids, 2) for t, ids in (("a [Y]", (5, 6, 7)), ("b [Y]", (5, 6, 8)), ("c [Y]", (5, 6, 9))))
+    got = claimed(
+        [
+            S.Goal([a, b], new_ids=(10,)),
+            S.Goal([b, c], new_ids=(11,)),
+            S.Goal([b], new_ids=(10,)),
+            S.Goal([a], new_ids=(12,)),
+            S.Goal([b], old_ids=(13,)),
+        ]
+    )
+    assert [(g.prompts, g.new_ids, g.old_ids) for g in got] == [
+        ([a, b], (10,), None),
+        ([c], (11,), None),
+        ([b], (10,), None),
+        ([b], None, (13,)),
+    ]
+
+
 def _prompts(tok, world, relation, k, causal=True):
     s, o = world.facts[relation][k]
     return [encode(tok, t.replace("[X]", s), causal) for t in world.templates(relation)], o

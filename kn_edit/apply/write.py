@@ -42,6 +42,19 @@ def goals(model, batch, e, seed: int = 0) -> list[Goal]:
     return [Goal(f.prompts, old_ids=f.target_ids) for f in e.facts] + elsewhere
 
 
+def claimed(goals: list[Goal]) -> list[Goal]:
+    """`goals` less the prompts an earlier update already asks for another target (plan.batch.contradictions
+    warns of them): at most one target can hold on one prompt, and pulled two ways it gives neither, while
+    the two edits' other prompts go unmet beside it. The first edit in spec order keeps the prompt."""
+    asked, out = {}, []
+    for g in goals:
+        if g.new_ids is not None:
+            g = Goal([p for p in g.prompts if asked.setdefault(p.ids, g.new_ids) == g.new_ids], new_ids=g.new_ids)
+        if g.prompts:
+            out.append(g)
+    return out
+
+
 def settings(method, seed: int, erases: bool = False, keyed: bool = False) -> Settings:
     """erases: the batch erases (min_steps unset: then all steps; an erase is done after one); keyed: it
     writes memory neurons (select: patch, add), whose slots start empty or foreign (norm_floor)."""
@@ -67,7 +80,7 @@ def apply(model, batch, method, neurons: list | None = None, seed: int = 0) -> r
     if solved:
         columns = sorted({n for k in solved for n in neurons[k]})
         max_pos = getattr(model.config, "max_position_embeddings", 1 << 16)
-        deltas, stats = solve(model, columns, [g for k in solved for g in goals(model, batch, edits[k], seed)], preserve.keep_prompts(batch, seed),
+        deltas, stats = solve(model, columns, claimed([g for k in solved for g in goals(model, batch, edits[k], seed)]), preserve.keep_prompts(batch, seed),
                               preserve.text_windows(batch, max_pos), settings(method, seed, any(edits[k].kind == "erase" for k in solved), any(edits[k].keys for k in solved)), batch.causal,
                               preserve.pararel_prompts(batch, method.solve.pararel_facts, seed), preserve.subject_prompts(batch, method.solve.subject_prompts, seed, model))  # fmt: skip
         progress.log.info("batch solve: %d steps, every edit prompt done: %s", stats.steps, stats.reached)

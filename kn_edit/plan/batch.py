@@ -138,7 +138,8 @@ def prepare(spec: Spec | str | Path, pararel_dir=None, *, text: str | None = Non
 
 def contradictions(edits) -> list[str]:
     """Warnings for updates that ask one prompt (the same tokens) for different new targets: at most one of
-    them can hold there (two relations whose templates read alike for a shared subject)."""
+    them can hold there (two relations whose templates read alike for a shared subject). The batch solve asks
+    such a prompt of the first alone (apply/write.py claimed)."""
     seen, out = {}, []
     for e in edits:
         if e.kind != "update":
@@ -148,7 +149,7 @@ def contradictions(edits) -> list[str]:
             if first is not e and first.new_ids != e.new_ids:
                 out.append(
                     f"{first.where} and {e.where} ask the same prompt {p.text!r} for {first.new_target!r} and "
-                    f"{e.new_target!r}: at most one can hold there"
+                    f"{e.new_target!r}: at most one can hold there (the batch solve asks it of the first)"
                 )
     return out
 
