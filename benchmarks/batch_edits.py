@@ -286,10 +286,30 @@ def planned(args, model, tok, t0=None):
     for r in edited:
         k = [tuple(x) for x in F.found[r]["known"]]
         keep, nb, e = k[: PER_REL["keep"]], k[PER_REL["keep"] : least - 2], k[least - 2 :][: PER_REL["edits"]]
-        plan[r] = ([(s, o, rng.choice([x for x in F.found[r]["objects"] if x != o])) for s, o in e], keep, nb)
+        plan[r] = (
+            [(s, o, _new(tok, F, r, s, o, rng.choice([x for x in F.found[r]["objects"] if x != o]))) for s, o in e],
+            keep,
+            nb,
+        )
     order = [(r, plan[r][0][i]) for i in range(PER_REL["edits"]) for r in edited if i < len(plan[r][0])]  # round robin
 
     return F, edited, other, plan, order
+
+
+def _one_token(tok, F, r, s, o) -> bool:
+    try:
+        target_id(tok, encode(tok, F.found[r]["loc"][0].replace("[X]", s), True), o, True)
+        return True
+    except PromptError:
+        return False
+
+
+def _new(tok, F, r, s, o, drawn):
+    """The new target drawn for (s, o), or where it is several tokens another, drawn apart (so the draws of the other
+    edits stay as they were): this benchmark measures one-token targets (batch_edits_multitoken.py the others)."""
+    if _one_token(tok, F, r, s, drawn):
+        return drawn
+    return random.Random(f"new:{r}:{s}").choice([x for x in F.found[r]["objects"] if x != o and _one_token(tok, F, r, s, x)])
 
 
 def pool(d: Path, F, edited, other, plan, measured=None) -> Path:
