@@ -137,10 +137,7 @@ class Facts:
         for (s, o), p, t in zip(pool, first, top, strict=True):
             if len(found) == self.need:
                 break
-            try:
-                if t != target_id(tok, p, o, True):
-                    continue
-            except PromptError:  # a target of several tokens: benchmarks/batch_edits_multitoken.py measures those
+            if t != _target(tok, p, o):
                 continue
             rest = [encode(tok, x.replace("[X]", s), True) for x in temps[1:]]
             hits = 1 + sum(
@@ -296,12 +293,16 @@ def planned(args, model, tok, t0=None):
     return F, edited, other, plan, order
 
 
-def _one_token(tok, F, r, s, o) -> bool:
+def _target(tok, p, o) -> int | None:
+    """o's token id at prompt p, or None where o is several tokens (benchmarks/batch_edits_multitoken.py measures those)."""
     try:
-        target_id(tok, encode(tok, F.found[r]["loc"][0].replace("[X]", s), True), o, True)
-        return True
+        return target_id(tok, p, o, True)
     except PromptError:
-        return False
+        return None
+
+
+def _one_token(tok, F, r, s, o) -> bool:
+    return _target(tok, encode(tok, F.found[r]["loc"][0].replace("[X]", s), True), o) is not None
 
 
 def _new(tok, F, r, s, o, drawn):
