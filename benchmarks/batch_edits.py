@@ -288,6 +288,10 @@ def planned(args, model, tok, t0=None):
             keep,
             nb,
         )
+    # a subject edited in one relation is no neighbour in another: P176 and P178 read alike ("produced by",
+    # "developed by"), so the edit may rightly move it there
+    subjects = {s for r in edited for s, _, _ in plan[r][0]}
+    plan = {r: (e, keep, [x for x in nb if x[0] not in subjects]) for r, (e, keep, nb) in plan.items()}
     order = [(r, plan[r][0][i]) for i in range(PER_REL["edits"]) for r in edited if i < len(plan[r][0])]  # round robin
 
     return F, edited, other, plan, order

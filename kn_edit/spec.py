@@ -247,8 +247,9 @@ class Solve(_Strict):
         ge=0,
         le=100,
         description="select add/patch: per update whose subject has two or more words, this many near misses of it (its "
-        "last word alone or after another word, in its located prompts) where its memory neuron must stay off: the up row "
-        "is keyed to 1 at the subject and 0 there (0: the up row is the gate's key, as before)",
+        "last word alone, after another word or after 'X of'; names one word apart: a digit or a word before the last "
+        "changed; in its located prompts) where its memory neuron must stay off: the up row is keyed to 1 at the subject "
+        "and 0 there (0: the up row is the gate's key, as before)",
     )
     keep: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on preservation prompts")
     text: float = Field(10.0, ge=0, allow_inf_nan=False, description="weight of KL(base || edited) on plain text")

@@ -236,7 +236,7 @@ def test_subject_prompts_leave_out_where_the_model_answers_with_the_old_target(l
 def test_near_misses_end_in_the_subjects_last_word(llama_dir, world, write_spec):
     """solve.near_misses: per update with a subject of two or more words, its located prompts with the subject
     replaced by its last word alone and after other words (never the subject, nor one of its own words
-    again); n names, seeded; none for a one-word subject or when n is 0."""
+    again), and by its siblings in turn; n names, seeded; none for a one-word subject or when n is 0."""
     s, t = world.facts["capital"][0][0], world.facts["capital"][1][0]
     two = {"update": _update(world, 0)["update"] | {"subject": f"{t} {s}"}}
     b = prepare(write_spec({"model": str(llama_dir), "edits": [two, _update(world, 3)], "verify": {"held_out": 1}}))
@@ -247,9 +247,65 @@ def test_near_misses_end_in_the_subjects_last_word(llama_dir, world, write_spec)
     texts = {p.text for p in got[0]}
     assert len(got[0]) == len(texts) == 3 * 4  # every located prompt, 4 names
     for p in got[0]:
-        name = next(n for n in [s, *(f"{m} {s}" for m in preserve.MODIFIERS)] if p.text.replace(n, f"{t} {s}") in located)
-        assert name != f"{t} {s}" and t not in p.text.split() and p.subject is not None
+        ending = [s, *(f"{m} {s}" for m in preserve.MODIFIERS + preserve.TOPICS)]
+        name = next(n for n in ending + preserve.siblings(f"{t} {s}") if p.text.replace(n, f"{t} {s}") in located)
+        assert name != f"{t} {s}" and (name not in ending or t not in p.text.split()) and p.subject is not None
     assert any(p.text == located[0].replace(f"{t} {s}", s) for p in got[0])  # the last word alone is always one
     assert [p.ids for p in preserve.near_misses(b, 4)[0]] == [p.ids for p in got[0]]  # seeded
     assert {p.text for p in preserve.near_misses(b, 4, seed=1)[0]} != texts
     assert preserve.near_misses(b, 0) == [[], []]
+
+
+def test_siblings_differ_from_the_subject_in_one_word():
+    """preserve.siblings: names one word apart from the subject, where a key read at the last token reads
+    nearly as at the subject: one digit changed (in a word's last or first digit), or a word before the last
+    one put in another's place (never a small word such as "of", never the last word); never the subject;
+    a seeded order that takes the kinds in turn; none for a one-word subject without digits."""
+    for subject, sibling in (
+        ("Windows Server 2003", "Windows Server 2008"),
+        ("Nintendo 3DS", "Nintendo 2DS"),
+        ("Kingdom of Afghanistan", "Party of Afghanistan"),
+    ):
+        got = preserve.siblings(subject)
+        words = subject.split()
+        assert sibling in got and subject not in got and len(got) == len(set(got))
+        for name in got:
+            other = name.split()
+            assert len(other) == len(words)
+            ((i, (a, b)),) = [(i, ab) for i, ab in enumerate(zip(words, other)) if ab[0] != ab[1]]
+            if any(c.isdigit() for c in a):  # one digit changed, the rest of the word kept
+                ((x, y),) = [xy for xy in zip(a, b) if xy[0] != xy[1]]
+                assert len(a) == len(b) and x.isdigit() and y.isdigit()
+            else:
+                assert i < len(words) - 1 and a not in preserve.SMALL and b in preserve.NOUNS + preserve.MODIFIERS
+        assert got == preserve.siblings(subject) and got != preserve.siblings(subject, seed=1)
+    digits = [
+        any(c.isdigit() for c in n.split()[-1]) and n.split()[:-1] == ["Windows", "Server"]
+        for n in preserve.siblings("Windows Server 2003")
+    ]
+    assert digits[0] and not digits[1]  # a digit first, then a word: the kinds in turn
+    assert preserve.siblings("Israel") == [] and "Model 4" in preserve.siblings("Model 3")
+    assert not any(n.split()[1] != "of" for n in preserve.siblings("Kingdom of Spain"))  # "of" and "Spain" stay
+    assert preserve.siblings("Russian Soviet Federative Socialist Republic") == []  # no word put in a long name
+    assert "social anthropology" in preserve.siblings("cultural anthropology")  # a topic before a lower-case word
+
+
+def test_near_names_take_the_last_word_then_siblings_and_endings_in_turn():
+    """preserve.near_names: the subject's last word first, then siblings and endings in turn: the last word
+    after a modifier (after a topic too where it is lower case), or after "X of" where it is a name; n names,
+    distinct, never the subject, seeded."""
+    for subject, n in (("Vichy France", 16), ("economic anthropology", 12), ("Windows Server 2003", 20)):
+        got = preserve.near_names(subject, n)
+        last = subject.split()[-1]
+        assert got[0] == last and len(got) == len(set(got)) == n and subject not in got
+        sib = set(preserve.siblings(subject))
+        assert got[1] in sib or not sib
+        for name in got[1:]:
+            head = name.removesuffix(f" {last}")
+            ending = head in preserve.MODIFIERS or head.removesuffix(" of") in preserve.NOUNS or head in preserve.TOPICS
+            assert name in sib or ending, name
+        assert got == preserve.near_names(subject, n) and got != preserve.near_names(subject, n, seed=1)
+    france = preserve.near_names("Vichy France", 40)
+    assert any(n.endswith(" of France") for n in france) and not any(n.split()[0] in preserve.TOPICS for n in france)
+    anthropology = preserve.near_names("economic anthropology", 40)
+    assert any(n.split()[0] in preserve.TOPICS for n in anthropology) and not any(" of " in n for n in anthropology)

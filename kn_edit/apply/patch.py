@@ -7,8 +7,9 @@ The subject's neurons of the default also fire, more weakly, for other subjects,
 into their value slots is read there too (README, "Where the leaks enter"). Here each update takes, in
 each layer of `layers`, the least-used neuron of that layer (smallest mean a^2 |v|^2 on the plain text
 and the edits' templates about other subjects: the one whose loss changes the model least) and gives it a new key: with
-x_p the FFN input at the subject's last token in the edit's located prompt p (one per distinct state: a
-subject that opens its prompt reads the same state in every such template), and K = mean x x^T, mu = mean x
+x_p the FFN input at the subject's last token in the edit's located prompt p, or at the token after it where
+the subject is the prompt's first token (read_at; one per distinct state: templates that go on alike after the
+subject give one), and K = mean x x^T, mu = mean x
 over the plain text and the edits' templates about other subjects,
 
     k = K^-1 (X^T l - mu),  l such that k . x_p = 1 for every p   (the least mean (k . x + 1)^2 over the
@@ -24,7 +25,8 @@ subjects at +0.09 and the activation falling only as (k.x)^2).
 
 The up row, by default, is keyed apart (`apart`, solve.near_misses): u instead of k in the up row, the
 least mean (u . x)^2 over the background with u . x_p = 1 at the subject's states and u . x_q = 0 at the
-states of near misses of the subject (preserve.near_misses: its last word alone or after another word).
+states of near misses of the subject (preserve.near_misses: its last word alone or after other words, and names one
+word apart from it).
 The gate still decides where the neuron is open (about nowhere on the background); where it opens for a
 name that ends like the subject's ("Donetsk People's Republic" on the key of "Russian Soviet Federative
 Socialist Republic", 0.97 of the subject's reading at SmolLM2's layer 3), the up row reads about 0 and
@@ -113,10 +115,20 @@ def _stats(model, layers, seqs: list[list[int]]) -> tuple[dict, dict]:
     return {l: K[l] / n[0] for l in layers}, {l: S[l] / n[0] for l in layers}, use
 
 
+def read_at(p) -> int:
+    """Where a memory neuron's key reads prompt p: at the subject's last token, or at the token after it
+    where that is the prompt's first token. A first token reads alike whatever it is (SmolLM2, layer 3: FFN
+    inputs at cosine 0.95-0.98 for "Israel", "The", "France", "Toyota"...), so a key held to 1 there and -1 on
+    the background grew 4x and fired on 10% of other relations' prompt positions ("Israel's capital is": README,
+    "Memory neurons, measured")."""
+    return p.subject if p.subject > 0 or p.pos == 0 else 1
+
+
 @torch.no_grad()
 def _subject_states(model, prompts, layers) -> dict[int, torch.Tensor]:
-    """Per layer, the FFN inputs at the subject's last token, one row per distinct state over `prompts`
-    [states, hidden] (a subject opening the prompt reads the same state in every template)."""
+    """Per layer, the FFN inputs where the key reads each prompt (read_at: the subject's last token), one
+    row per distinct state over `prompts` [states, hidden] (a subject opening the prompt reads the same
+    state in every template that goes on alike)."""
     out = {l: [] for l in layers}
     hooks = [
         arch.key_module(model, l).register_forward_hook(
@@ -126,7 +138,7 @@ def _subject_states(model, prompts, layers) -> dict[int, torch.Tensor]:
     ]
     try:
         for p in prompts:
-            _run_to(model, arch.key_module(model, max(layers)), p.ids[: p.subject + 1])
+            _run_to(model, arch.key_module(model, max(layers)), p.ids[: read_at(p) + 1])
     finally:
         for h in hooks:
             h.remove()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 import re
 from functools import cache
+from itertools import zip_longest
 from pathlib import Path
 
 from ..measure.safety import prompts as shipped_prompts
@@ -85,26 +86,78 @@ MODIFIERS = (
     "ancient general American British French German Italian Russian Chinese Japanese Indian Spanish Soviet "
     "Democratic Federal Islamic Catholic international"
 ).split()
+# words put in place of a word before a subject's last one (siblings), and before "of" and its last word
+NOUNS = (
+    "Republic Kingdom Party Bank University Church Empire State City Province Union Council Army Museum Company "
+    "Island Club Group Society College Railway Airport Court School Institute Federation Emirate League Station"
+).split()
+# words put before a lower-case last word ("economic anthropology", "ice hotel")
+TOPICS = (
+    "social cultural political historical natural applied medical digital public private traditional classical "
+    "experimental theoretical visual urban rural industrial environmental mental legal religious military musical "
+    "financial chemical mechanical electrical"
+).split()
+# a word is put in another's place in subjects of up to this many words: in a longer name such siblings read so
+# close to the subject that the up row keyed apart from them read other names more (SmolLM2, layer 4: "Donetsk
+# People's Republic" on the key of "Russian Soviet Federative Socialist Republic" 0.19 -> 1.06)
+SIBLING_WORDS = 3
+SMALL = {"of", "the", "and", "de", "la", "le", "von", "van", "der", "du", "des", "del", "di", "da", "in", "on", "for", "&"}
+
+
+def siblings(subject: str, seed: int = 0) -> list[str]:
+    """Names that differ from `subject` in one word, a seeded order: a digit changed ("Windows Server 2008"
+    for "Windows Server 2003", "Nintendo 2DS" for "Nintendo 3DS"), or a word before the last one put in
+    another's place in a name of up to SIBLING_WORDS words ("Party of Afghanistan" for "Kingdom of Afghanistan"), taken in
+    turn (a word's last digit, another word, a word's first digit). A key read at the last token reads
+    such a name nearly as it reads the subject."""
+    words = subject.split()
+    rng = random.Random(f"kn-edit-siblings:{seed}:{subject}")
+
+    def put(i, v):
+        return " ".join([*words[:i], v, *words[i + 1 :]])
+
+    last, other, first = [], [], []
+    for i, w in enumerate(words):
+        digits = [j for j, c in enumerate(w) if c.isdigit()]
+        for j, into in ((digits[-1:], last), (digits[:1], first)):
+            into += [put(i, w[:k] + d + w[k + 1 :]) for k in j for d in "0123456789" if d != w[k]]
+        if not digits and i < len(words) - 1 and len(words) <= SIBLING_WORDS and w.isalpha() and w.lower() not in SMALL:
+            other += [put(i, v) for v in (NOUNS + MODIFIERS if w[:1].isupper() else TOPICS + MODIFIERS) if v.lower() != w.lower()]
+    for group in (last, other, first):
+        rng.shuffle(group)
+    names = (x for trio in zip_longest(last, other, first) for x in trio if x is not None)
+    return [x for x in dict.fromkeys(names) if x.lower() != subject.lower()]
+
+
+def near_names(subject: str, n: int, seed: int = 0) -> list[str]:
+    """n near misses of a subject of two or more words, a seeded draw: its last word alone, then its siblings
+    (names one word apart) and its endings in turn: the last word after another word ("the Republic",
+    "French Republic" for "Italian Social Republic"; a topic such as "social" before a lower-case word), or
+    after "X of" ("Party of Afghanistan") where it is a name."""
+    words = subject.split()
+    own = {w.lower() for w in words}
+    last = words[-1]
+    ending = [f"{m} {last}" for m in MODIFIERS + ([] if last[:1].isupper() else TOPICS) if m.lower() not in own]
+    ending += [f"{m} of {last}" for m in NOUNS if last[:1].isupper() and m.lower() not in own]
+    random.Random(f"kn-edit-near:{seed}:{subject}").shuffle(ending)
+    turns = (x for pair in zip_longest(siblings(subject, seed), ending) for x in pair if x is not None)
+    return list(dict.fromkeys([last, *turns]))[:n]
 
 
 def near_misses(batch, n: int, seed: int = 0) -> list[list]:
-    """Per edit, prompts about n near misses of an update's subject, for the key of its memory neuron
-    (solve.near_misses): its located prompts with the subject replaced by its last word alone or after
-    another word ("Republic", "the Republic", "French Republic" for "Italian Social Republic"), a
-    seeded draw per subject. A memory neuron's key is read at the subject's last token, where names
-    that end in the same word read alike ("Donetsk People's Republic" on the key of "Russian Soviet
-    Federative Socialist Republic": 0.97 of the subject's own reading). One-word subjects, erases: none."""
+    """Per edit, prompts about n near misses of an update's subject (near_names), for the key of its memory
+    neuron (solve.near_misses): its located prompts with the subject replaced by each. A memory neuron's key
+    is read at the subject's last token, where names that end in the same word read alike ("Donetsk
+    People's Republic" on the key of "Russian Soviet Federative Socialist Republic": 0.97 of the
+    subject's own reading), and names one word apart too ("Windows Server 2008" on the key of "Windows
+    Server 2003"). One-word subjects, erases: none."""
     out = []
     for e in batch.edits:
         subject = e.fact.subject if e.kind == "update" else ""
-        words = (subject or "").split()
-        if n <= 0 or len(words) < 2:
+        if n <= 0 or len((subject or "").split()) < 2:
             out.append([])
             continue
-        own = {w.lower() for w in words}
-        names = [f"{m} {words[-1]}" for m in MODIFIERS if m.lower() not in own]
-        random.Random(f"kn-edit-near:{seed}:{subject}").shuffle(names)
-        names = [words[-1], *names][:n]
+        names = near_names(subject, n, seed)
         texts = dict.fromkeys(p.text for p in e.located_prompts if subject in p.text)
         out.append([q for t in texts for name in names for q in _filled(batch, [t.replace(subject, "[X]", 1)], [name])])
     return out
