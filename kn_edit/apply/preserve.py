@@ -119,8 +119,8 @@ def siblings(subject: str, seed: int = 0) -> list[str]:
     last, other, first = [], [], []
     for i, w in enumerate(words):
         digits = [j for j, c in enumerate(w) if c.isdigit()]
-        for j, into in ((digits[-1:], last), (digits[:1], first)):
-            into += [put(i, w[:k] + d + w[k + 1 :]) for k in j for d in "0123456789" if d != w[k]]
+        for at, into in ((digits[-1:], last), (digits[:1], first)):
+            into += [put(i, w[:k] + d + w[k + 1 :]) for k in at for d in "0123456789" if d != w[k]]
         if not digits and i < len(words) - 1 and len(words) <= SIBLING_WORDS and w.isalpha() and w.lower() not in SMALL:
             other += [put(i, v) for v in (NOUNS + MODIFIERS if w[:1].isupper() else TOPICS + MODIFIERS) if v.lower() != w.lower()]
     for group in (last, other, first):
