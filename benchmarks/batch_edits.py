@@ -73,8 +73,10 @@ RULES = {
     "near0": {"solve": {"near_misses": 0}},  # add's up row = its gate's key (the default before)
     "near8": {"solve": {"near_misses": 8}},  # add's up row held to 0 at 8 near misses of each edited subject
     "near16": {"solve": {"near_misses": 16}},  # the default
-    "add": {"solve": {"select": "add"}},  # memory neurons added to the FFN, layers 3-4 of 30 (the default on gated MLPs)
-    "add-5layers": {"solve": {"select": "add", "max_layer": 0.25}},  # layers 3-7
+    "add": {"solve": {"select": "add"}},  # memory neurons added to the FFN, layers 5-6 of 30 (the default on gated MLPs)
+    "add-5layers": {"solve": {"select": "add", "min_layer": 0.1, "max_layer": 0.25}},  # layers 3-7
+    "add-l56": {"solve": {"min_layer": 0.167, "max_layer": 0.234}},  # layers 5-6 of 30 (the default; measured first)
+    "add-l34": {"solve": {"min_layer": 0.1, "max_layer": 0.167}},  # layers 3-4 of 30, 1-2 of Gemma 3's 18 (the default before)
     "patch-5layers": {"solve": {"select": "patch", "max_layer": 0.25}},  # layers 3-7 of SmolLM2's 30 (measured first)
     "spread100": {"solve": {"spread": 100}},  # the default
     "spread300": {"solve": {"spread": 300}},
@@ -198,6 +200,15 @@ def main():
         return [int(x.argmax()) for x in predict_many(model, ps)]
 
     base = {"neigh": top1(neighbour_prompts), "other": top1(other_prompts), "probe": top1(probe)}
+    # --changed: the base model's log-probabilities, for how far apart a moved prompt's two answers were before
+    base_lp = (
+        {
+            k: torch.stack(predict_many(model, ps)).log()
+            for k, ps in (("neigh", neighbour_prompts), ("other", other_prompts), ("probe", probe))
+        }
+        if args.changed
+        else {}
+    )
     base_ppl = safety.perplexity(model, tok, text, True)
     rows = []
     meta = {
@@ -237,10 +248,13 @@ def main():
             if args.changed:  # the prompts whose top-1 changed, for a look at where the edits leak
                 sets = {"neigh": neighbour_prompts, "other": other_prompts, "probe": probe, "own": own}
                 was, now = base | {"own": own_base}, after | {"own": own_after}
+                # (prompt, base answer, answer now, and where the base model was measured, its log-prob of the
+                # first over the second: near 0, a tie any change may turn)
                 moved = {
                     k: [
                         (p.text, tok.decode([a]), tok.decode([b]))
-                        for p, a, b in zip(sets[k], was[k], now[k], strict=True)
+                        + ((round(float(base_lp[k][i, a] - base_lp[k][i, b]), 3),) if k in base_lp else ())
+                        for i, (p, a, b) in enumerate(zip(sets[k], was[k], now[k], strict=True))
                         if a != b
                     ]
                     for k in sets

@@ -196,8 +196,8 @@ class Solve(_Strict):
         "(upper half); specific: score x how much more it fires there for the fact than for other subjects; "
         "patch: per layer of 0.1-0.167 of the depth, the least-used neuron, given a key that fires for the subject only "
         "(gated MLPs; the checkpoint then differs in those neurons' gate and up rows too); "
-        "add: as patch, but in neurons added to the FFN (intermediate_size grows by one per edit; every original "
-        "neuron is kept); "
+        "add: as patch, but in neurons added to the FFN, in layers 0.167-0.234 of the depth (intermediate_size grows by "
+        "one per edit; every original neuron is kept); "
         "auto: add for causal LMs with a gated MLP of >= 10 layers, subject for other causal LMs, score for masked LMs",
     )
     steps: int = Field(80, ge=1, le=10000, description="Adam steps at most (it stops when every edit prompt is done)")

@@ -38,7 +38,7 @@ def test_update_one_fact_in_smollm2(write_spec, tmp_path):
     report = build(write_spec(spec), tmp_path / "out")
     e = report["edits"][0]
     assert e["neurons"] >= 1
-    # select: auto adds a memory neuron per edit in layers 3 and 4: their gate, up and down projections
+    # select: auto adds a memory neuron per edit in layers 5 and 6: their gate, up and down projections
     assert {t.split(".mlp.")[1] for t in report["changed_tensors"]} == {f"{p}_proj.weight" for p in ("gate", "up", "down")}
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")

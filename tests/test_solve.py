@@ -618,3 +618,24 @@ def test_add_widens_the_ffn_and_keeps_every_base_weight(llama_dir, world, write_
     assert arch.shape(result.model)[1] == width and result.model.config.intermediate_size == width
     state = result.model.state_dict()
     assert all(torch.equal(state[name], t) for name, t in base.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("layers", "select", "written"),
+    [(30, "add", [5, 6]), (18, "add", [3]), (10, "add", [1]), (9, "subject", range(0, 5)), (4, "subject", range(0, 2))],
+)
+def test_auto_adds_neurons_from_ten_layers_on_in_their_fraction_of_the_depth(layers, select, written):
+    """select: auto is add on gated causal LMs of 10 layers or more, in layers 0.167-0.234 of the depth
+    (SmolLM2's 30: 5 and 6; Gemma 3 270M's 18: 3), subject (0.1-0.6) below 10 layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kn_edit.apply import choose
+    from kn_edit.spec import Solve
+
+    cfg = LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2
+    )
+    model = LlamaForCausalLM(cfg)
+    solve = Solve()
+    assert choose.selection(model, solve) == select
+    assert list(choose.layer_range(model, solve, select)) == list(written)

@@ -112,21 +112,22 @@ LAYERS = {
     "score": (0.5, 1.0),
     "specific": (0.5, 1.0),
     "patch": (0.1, 0.167),
-    "add": (0.1, 0.167),
-}  # the auto layer ranges
+    "add": (0.167, 0.234),
+}  # the auto layer ranges (add: layers 5-6 of SmolLM2's 30; 3-4 read names that end alike more, README "Memory neurons, measured")
+ADD_DEPTH = 10  # select: auto is add from this many layers on
 
 
 def selection(model, solve) -> str:
     """`solve.select` made concrete: auto is add on causal LMs with a gated MLP whose gate and up rows
-    kn-edit can write, deep enough that add's layers start above layer 0 (measured on SmolLM2: far more
-    local than any choice among the existing neurons; on 4-layer models, whose add range is layer 0
-    alone, where the FFN reads little more than the token, the edits did not take); subject on other
+    kn-edit can write, of at least ADD_DEPTH layers (measured on SmolLM2: far more local than any choice
+    among the existing neurons; on 4-layer models, whose add range was layer 0 alone, where the FFN reads
+    little more than the token, the edits did not take); subject on other
     causal LMs (more general and more local than the answer position's located neurons); score on
     masked LMs (the paper's setting)."""
     if solve.select != "auto":
         return solve.select
     a = arch.arch_of(model)
-    if a.causal and a.gate and a.key and not a.conv1d and int(LAYERS["add"][0] * arch.shape(model)[0]) >= 1:
+    if a.causal and a.gate and a.key and not a.conv1d and arch.shape(model)[0] >= ADD_DEPTH:
         return "add"
     return "subject" if a.causal else "score"
 
