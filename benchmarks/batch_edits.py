@@ -207,16 +207,11 @@ def main():
     def top1(ps):
         return [int(x.argmax()) for x in predict_many(model, ps)]
 
-    base = {"neigh": top1(neighbour_prompts), "other": top1(other_prompts), "probe": top1(probe)}
+    probs = {k: predict_many(model, ps) for k, ps in (("neigh", neighbour_prompts), ("other", other_prompts), ("probe", probe))}
+    base = {k: [int(x.argmax()) for x in v] for k, v in probs.items()}
     # --changed: the base model's log-probabilities, for how far apart a moved prompt's two answers were before
-    base_lp = (
-        {
-            k: torch.stack(predict_many(model, ps)).log()
-            for k, ps in (("neigh", neighbour_prompts), ("other", other_prompts), ("probe", probe))
-        }
-        if args.changed
-        else {}
-    )
+    base_lp = {k: torch.stack(v).log() for k, v in probs.items()} if args.changed else {}
+    del probs
     base_ppl = safety.perplexity(model, tok, text, True)
     rows = []
     meta = {
